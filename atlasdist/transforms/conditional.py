@@ -1,0 +1,238 @@
+r"""Chart-conditioned conformal layers.
+
+Each class is a Pyro ``ConditionalTransformModule``: a small network (the *hypernetwork*) maps
+a context vector :math:`v` (a chart centre) to the parameters of a conformal layer, and
+``.condition(v)`` returns that layer with the parameters fixed. With a batch of contexts of
+shape :math:`(B, c)` the returned layer holds :math:`B` parameter sets and acts row-wise on
+inputs of shape :math:`(*, B, n)`: this is how every chart of an atlas gets its own embedding
+from one set of shared weights.
+
+The hypernetworks' last layer starts at zero, so every conditioned layer starts at a fixed
+map (the identity for shifts, scales and Möbius maps; :math:`[I_d; 0]` for the Stiefel and
+orthogonal maps; the north pole for the stereographic chart).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions.conditional import ConditionalTransformModule
+from torch import nn
+
+from .._checks import check_features
+from .conformal import (
+    ConformalEmbedding,
+    InverseStereographic,
+    Mobius,
+    Orthogonal,
+    Scale,
+    Shift,
+    StiefelEmbedding,
+)
+from .injective import InjectiveCompose
+
+__all__ = [
+    "Hypernet",
+    "householder_stiefel",
+    "ConditionalShift",
+    "ConditionalScale",
+    "ConditionalOrthogonal",
+    "ConditionalStiefelEmbedding",
+    "ConditionalMobius",
+    "ConditionalInverseStereographic",
+    "ConditionalInjectiveCompose",
+    "ConditionalConformalEmbedding",
+]
+
+
+class Hypernet(nn.Module):
+    """MLP ``context (*, c) -> parameters (*, p)`` with zero-initialised output layer."""
+
+    def __init__(self, context_features: int, out_features: int, hidden: Sequence[int] = (32,)):
+        super().__init__()
+        if int(context_features) < 1:
+            raise ValueError(f"context_features must be >= 1, got {context_features}")
+        self.context_features = int(context_features)
+        sizes = [self.context_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
+            layers += [nn.Linear(a, b), nn.SiLU()]
+        last = nn.Linear(sizes[-1], out_features)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
+        self.net = nn.Sequential(*layers, last)
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        check_features(context, self.context_features, "condition", "context")
+        return self.net(context)
+
+
+def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    r"""A matrix with orthonormal columns from unconstrained parameters, as a product of
+    Householder reflections.
+
+    ``raw`` of shape :math:`(*, p)` with :math:`p = \sum_{j<k} (n - 1 - j)` fills the strictly
+    lower-triangular part of the :math:`n\times k` reflector matrix :math:`V` (unit diagonal
+    implied); reflector :math:`j` gets :math:`\tau_j = 2/|v_j|^2`, which makes it an exact
+    reflection. Returns :math:`-H_1\cdots H_k [I_k; 0]`, shape :math:`(*, n, k)`, which is
+    :math:`[I_k; 0]` at ``raw = 0``. Cost :math:`O(n k^2)`.
+    """
+    rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
+    v = raw.new_zeros(raw.shape[:-1] + (rows, cols))
+    v[..., rows_idx, cols_idx] = raw
+    tau = 2 / (1 + v.pow(2).sum(-2))
+    eye = torch.eye(rows, cols, dtype=raw.dtype, device=raw.device)
+    return -torch.linalg.householder_product(v + eye, tau)
+
+
+def _num_reflector_params(rows: int, cols: int) -> int:
+    return sum(rows - 1 - j for j in range(cols))
+
+
+class _ConditionalLayer(ConditionalTransformModule):
+    def __init__(self, context_features, num_params, hidden):
+        super().__init__()
+        self.hypernet = Hypernet(context_features, num_params, hidden)
+
+    @property
+    def context_features(self) -> int:
+        return self.hypernet.context_features
+
+
+class ConditionalShift(_ConditionalLayer):
+    r""":math:`x \mapsto x + b(v)`; ``condition(v)`` gives a :class:`Shift`."""
+
+    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (32,)):
+        super().__init__(context_features, features, hidden)
+        self.features = features
+
+    def condition(self, context):
+        return Shift(self.features, shift=self.hypernet(context))
+
+
+class ConditionalScale(_ConditionalLayer):
+    r""":math:`x \mapsto e^{s(v)} x`; ``condition(v)`` gives a :class:`Scale`."""
+
+    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (32,)):
+        super().__init__(context_features, 1, hidden)
+        self.features = features
+
+    def condition(self, context):
+        return Scale(self.features, log_scale=self.hypernet(context)[..., 0])
+
+
+class ConditionalOrthogonal(_ConditionalLayer):
+    r""":math:`x \mapsto Q(v) x` with :math:`Q(v)` orthogonal (:func:`householder_stiefel`);
+    ``condition(v)`` gives an :class:`Orthogonal`."""
+
+    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (32,)):
+        super().__init__(context_features, _num_reflector_params(features, features), hidden)
+        self.features = features
+
+    def condition(self, context):
+        q = householder_stiefel(self.hypernet(context), self.features, self.features)
+        return Orthogonal(self.features, weight=q)
+
+
+class ConditionalStiefelEmbedding(_ConditionalLayer):
+    r""":math:`u \mapsto W(v) u`, :math:`W(v)^\top W(v) = I_d` (:func:`householder_stiefel`);
+    ``condition(v)`` gives a :class:`StiefelEmbedding`."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        context_features: int,
+        hidden: Sequence[int] = (32,),
+    ):
+        if out_features < in_features:
+            raise ValueError(
+                f"an injective map needs in_features <= out_features, "
+                f"got d={in_features} > D={out_features}"
+            )
+        super().__init__(
+            context_features, _num_reflector_params(out_features, in_features), hidden
+        )
+        self.in_features, self.out_features = in_features, out_features
+
+    def condition(self, context):
+        w = householder_stiefel(self.hypernet(context), self.out_features, self.in_features)
+        return StiefelEmbedding(self.in_features, self.out_features, weight=w)
+
+
+class ConditionalMobius(_ConditionalLayer):
+    r"""Special conformal transformation with :math:`b(v)`; ``condition(v)`` gives a
+    :class:`Mobius` (with ``radius``, :math:`|b(v)| < 1/R` for every context)."""
+
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        radius: float | None = None,
+        hidden: Sequence[int] = (32,),
+    ):
+        super().__init__(context_features, features, hidden)
+        self.features, self.radius = features, radius
+
+    def condition(self, context):
+        return Mobius(self.features, radius=self.radius, raw=self.hypernet(context))
+
+
+class ConditionalInverseStereographic(_ConditionalLayer):
+    r"""Inverse stereographic projection from the pole
+    :math:`p(v) = (e_{d+1} + r(v)) / |e_{d+1} + r(v)|`; ``condition(v)`` gives an
+    :class:`InverseStereographic`."""
+
+    def __init__(self, in_features: int, context_features: int, hidden: Sequence[int] = (32,)):
+        super().__init__(context_features, in_features + 1, hidden)
+        self.in_features = in_features
+
+    def condition(self, context):
+        raw = self.hypernet(context)
+        north = torch.zeros_like(raw)
+        north[..., -1] = 1
+        pole = nn.functional.normalize(north + raw, dim=-1)
+        return InverseStereographic(self.in_features, pole=pole)
+
+
+class ConditionalInjectiveCompose(ConditionalTransformModule):
+    r"""Conditional composition: ``condition(v)`` conditions every conditional part and
+    returns an :class:`~atlasdist.transforms.InjectiveCompose` of the results (unconditional
+    parts are used as they are)."""
+
+    _compose = InjectiveCompose
+
+    def __init__(self, parts, in_features: int | None = None):
+        super().__init__()
+        self.parts = list(parts)
+        self.in_features = in_features
+        self.part_modules = nn.ModuleList([p for p in self.parts if isinstance(p, nn.Module)])
+        self._check_parts()
+
+    def _check_parts(self):
+        contexts = {p.context_features for p in self.parts if hasattr(p, "context_features")}
+        if len(contexts) > 1:
+            raise ValueError(f"parts disagree on context_features: {sorted(contexts)}")
+
+    def condition(self, context):
+        parts = [
+            p.condition(context) if isinstance(p, ConditionalTransformModule) else p
+            for p in self.parts
+        ]
+        return self._compose(parts, in_features=self.in_features)
+
+
+class ConditionalConformalEmbedding(ConditionalInjectiveCompose):
+    r"""Conditional :class:`~atlasdist.transforms.ConformalEmbedding`.
+
+    Example:
+        >>> c = ConditionalConformalEmbedding([
+        ...     ConditionalStiefelEmbedding(2, 3, context_features=4),
+        ...     ConditionalScale(3, context_features=4), ConditionalShift(3, context_features=4)])
+        >>> v = torch.randn(8, 4)  # one chart centre per row
+        >>> c.condition(v)(torch.randn(8, 2)).shape
+        torch.Size([8, 3])
+    """
+
+    _compose = ConformalEmbedding

@@ -1,0 +1,464 @@
+r"""Conformal layers: :math:`J^\top J = \lambda(x)^2 I` with a closed-form :math:`\lambda`.
+
+Each layer holds its parameters either as learnable ``nn.Parameter`` (the default) or as
+given tensors with leading batch dimensions (what the chart-conditioned layers of
+:mod:`atlasdist.transforms.conditional` produce, one parameter set per context row). In the
+batched case a parameter of shape :math:`(B, \dots)` meets inputs of shape :math:`(*, B, n)`.
+
+References:
+    Ross & Cresswell, *Tractable density estimation on learned manifolds with conformal
+    embedding flows*, NeurIPS 2021.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from .._checks import check_features, validation_enabled
+from .injective import ConformalTransform, EventTransform, InjectiveCompose, InjectiveTransform
+
+__all__ = [
+    "ZeroPad",
+    "StiefelEmbedding",
+    "Orthogonal",
+    "Scale",
+    "Shift",
+    "Mobius",
+    "InverseStereographic",
+    "ConformalEmbedding",
+]
+
+
+def matvec(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    r""":math:`W x` for :math:`W` of shape :math:`(\dots, m, n)` and :math:`x` of shape
+    :math:`(\dots, n)`, broadcasting batch dimensions."""
+    if w.dim() == 2:
+        return x @ w.mT
+    return (w @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def rmatvec(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`W^\top y`, broadcasting like :func:`matvec`."""
+    if w.dim() == 2:
+        return y @ w
+    return (w.mT @ y.unsqueeze(-1)).squeeze(-1)
+
+
+def store(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Keeps a given parameter tensor: as a buffer (moved by ``.to``, saved in ``state_dict``)
+    when it is a constant, as a plain attribute when it carries a graph (a conditioned layer's
+    parameters, produced by a hypernetwork)."""
+    if value.requires_grad:
+        setattr(module, name, value)
+    else:
+        module.register_buffer(name, value)
+
+
+def _batch_log_factor(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Broadcasts a per-parameter-set log factor of shape (*B,) to the event batch of x."""
+    return value.expand(torch.broadcast_shapes(value.shape, x.shape[:-1]))
+
+
+class _Bijective(EventTransform):
+    """A bijection of R^n (event_dim 1)."""
+
+    bijective = True
+
+    def __init__(self, features: int):
+        if int(features) < 1:
+            raise ValueError(f"features must be >= 1, got {features}")
+        super().__init__(cache_size=0)
+        self.in_features = self.out_features = int(features)
+
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}"
+
+
+def _orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
+    # Householder parametrization without trivialization: the weight is a function of the raw
+    # parameter alone, so its columns are orthonormal to working precision in any dtype (a
+    # float32 model cast to float64 stays exactly orthonormal), and any raw value is valid.
+    return parametrizations.orthogonal(
+        nn.Linear(in_features, out_features, bias=False),
+        orthogonal_map="householder",
+        use_trivialization=False,
+    )
+
+
+class ZeroPad(InjectiveTransform, ConformalTransform):
+    r"""Zero padding :math:`u \mapsto (u, 0) \in \mathbb{R}^D`, :math:`\lambda = 1`.
+
+    Left inverse: :math:`y \mapsto y_{1:d}`, the orthogonal projection onto the image
+    :math:`\mathbb{R}^d \times \{0\}` read in coordinates. Cost :math:`O(D)`.
+
+    Example:
+        >>> ZeroPad(2, 3)(torch.tensor([1.0, 2.0]))
+        tensor([1., 2., 0.])
+    """
+
+    def _call(self, x):
+        return nn.functional.pad(x, (0, self.out_features - self.in_features))
+
+    def _inverse(self, y):
+        return y[..., : self.in_features]
+
+    def log_conformal_factor(self, x, y):
+        return x.new_zeros(x.shape[:-1])
+
+
+class StiefelEmbedding(InjectiveTransform, ConformalTransform):
+    r"""Linear isometric embedding :math:`u \mapsto W u`, :math:`W \in \mathbb{R}^{D\times d}`,
+    :math:`W^\top W = I_d`, :math:`\lambda = 1`.
+
+    The learnable :math:`W` is kept on the Stiefel manifold by torch's
+    ``parametrizations.orthogonal`` (Householder products). Left inverse:
+    :math:`y \mapsto W^\top y`, the orthogonal projection onto the column space read in
+    coordinates. Cost :math:`O(Dd)` per point.
+
+    Arguments:
+        in_features: :math:`d`.
+        out_features: :math:`D`.
+        weight: optional fixed :math:`W` of shape :math:`(*B, D, d)` with orthonormal columns;
+            learnable when omitted.
+
+    Example:
+        >>> f = StiefelEmbedding(2, 5)
+        >>> torch.allclose(f.inv(f(torch.ones(2))), torch.ones(2), atol=1e-6)
+        True
+    """
+
+    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor | None = None):
+        super().__init__(in_features, out_features)
+        if weight is None:
+            self.linear = _orthogonal_linear(in_features, out_features)
+            self._weight = None
+        else:
+            if weight.shape[-2:] != (out_features, in_features):
+                raise ValueError(
+                    f"StiefelEmbedding: weight must have shape (*, {out_features}, "
+                    f"{in_features}), got {tuple(weight.shape)}"
+                )
+            store(self, "_weight", weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight if self._weight is None else self._weight
+
+    def _call(self, x):
+        return matvec(self.weight, x)
+
+    def _inverse(self, y):
+        return rmatvec(self.weight, y)
+
+    def log_conformal_factor(self, x, y):
+        return x.new_zeros(x.shape[:-1])
+
+
+class Orthogonal(_Bijective, ConformalTransform):
+    r"""Orthogonal map :math:`x \mapsto Q x` of :math:`\mathbb{R}^D`, :math:`Q^\top Q = I`,
+    :math:`\lambda = 1`; inverse :math:`Q^\top y`.
+
+    Learnable through torch's ``parametrizations.orthogonal``, or fixed ``weight`` of shape
+    :math:`(*B, D, D)`. Cost :math:`O(D^2)` per point.
+    """
+
+    def __init__(self, features: int, weight: torch.Tensor | None = None):
+        super().__init__(features)
+        if weight is None:
+            self.linear = _orthogonal_linear(features, features)
+            self._weight = None
+        else:
+            if weight.shape[-2:] != (features, features):
+                raise ValueError(
+                    f"Orthogonal: weight must have shape (*, {features}, {features}), "
+                    f"got {tuple(weight.shape)}"
+                )
+            store(self, "_weight", weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight if self._weight is None else self._weight
+
+    def _call(self, x):
+        return matvec(self.weight, x)
+
+    def _inverse(self, y):
+        return rmatvec(self.weight, y)
+
+    def log_conformal_factor(self, x, y):
+        return x.new_zeros(x.shape[:-1])
+
+
+class Scale(_Bijective, ConformalTransform):
+    r"""Scaling :math:`x \mapsto e^{s} x`, :math:`\lambda = e^{s}`.
+
+    Arguments:
+        features: :math:`D`.
+        init: initial scale :math:`e^s` (> 0) of the learnable parameter.
+        log_scale: optional fixed :math:`s` of shape :math:`(*B,)`; learnable when omitted.
+    """
+
+    def __init__(self, features: int, init: float = 1.0, log_scale: torch.Tensor | None = None):
+        super().__init__(features)
+        if log_scale is None:
+            if not init > 0:
+                raise ValueError(f"Scale: init must be > 0, got {init}")
+            self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
+        else:
+            store(self, "log_scale", log_scale)
+
+    def _call(self, x):
+        return x * self.log_scale.exp().unsqueeze(-1)
+
+    def _inverse(self, y):
+        return y * (-self.log_scale).exp().unsqueeze(-1)
+
+    def log_conformal_factor(self, x, y):
+        return _batch_log_factor(self.log_scale.to(x.dtype), x)
+
+
+class Shift(_Bijective, ConformalTransform):
+    r"""Translation :math:`x \mapsto x + b`, :math:`\lambda = 1`.
+
+    Arguments:
+        features: :math:`D`.
+        shift: optional fixed :math:`b` of shape :math:`(*B, D)`; learnable (init 0) when
+            omitted.
+    """
+
+    def __init__(self, features: int, shift: torch.Tensor | None = None):
+        super().__init__(features)
+        if shift is None:
+            self.shift = nn.Parameter(torch.zeros(features))
+        else:
+            check_features(shift, features, "Shift", "shift")
+            store(self, "shift", shift)
+
+    def _call(self, x):
+        return x + self.shift
+
+    def _inverse(self, y):
+        return y - self.shift
+
+    def log_conformal_factor(self, x, y):
+        return x.new_zeros(torch.broadcast_shapes(x.shape, self.shift.shape)[:-1])
+
+
+class Mobius(_Bijective, ConformalTransform):
+    r"""Special conformal transformation (Möbius map without rotation, scale or shift)
+
+    .. math::
+        x \mapsto \frac{x - b\,|x|^2}{\sigma_b(x)}, \qquad
+        \sigma_b(x) = 1 - 2\, b\cdot x + |b|^2 |x|^2, \qquad \lambda(x) = 1/\sigma_b(x).
+
+    Since :math:`\sigma_b(x) = \big|\,|b|\,x - b/|b|\,\big|^2`, the map is a conformal
+    diffeomorphism of :math:`\mathbb{R}^D \setminus \{b/|b|^2\}` onto
+    :math:`\mathbb{R}^D \setminus \{-b/|b|^2\}` with inverse :math:`x \mapsto` the same map
+    with :math:`-b`.
+
+    **Domain of validity.** With ``radius=R`` the domain is the open ball :math:`|x| < R` and
+    :math:`b` is parametrized so that :math:`|b| < 1/R` for any raw value
+    (:math:`b = R^{-1} r / \sqrt{1 + |r|^2}`); then :math:`\sigma_b(x) \ge (1 - |b||x|)^2 > 0` on
+    the ball. Without a radius the domain is everything but the pole :math:`b/|b|^2`. Under
+    validation, inputs outside the domain (or with :math:`\sigma` at round-off level) raise
+    ``ValueError``.
+
+    Arguments:
+        features: :math:`D`.
+        radius: optional radius :math:`R` of the domain ball.
+        raw: optional fixed raw parameter of shape :math:`(*B, D)` (mapped to :math:`b` as
+            above when ``radius`` is given, used as :math:`b` otherwise); learnable (init 0,
+            the identity) when omitted.
+    """
+
+    def __init__(
+        self, features: int, radius: float | None = None, raw: torch.Tensor | None = None
+    ):
+        super().__init__(features)
+        if radius is not None and not radius > 0:
+            raise ValueError(f"Mobius: radius must be > 0, got {radius}")
+        self.radius = None if radius is None else float(radius)
+        if raw is None:
+            self.raw = nn.Parameter(torch.zeros(features))
+        else:
+            check_features(raw, features, "Mobius", "raw parameter")
+            store(self, "raw", raw)
+
+    @property
+    def b(self) -> torch.Tensor:
+        if self.radius is None:
+            return self.raw
+        r2 = self.raw.pow(2).sum(-1, keepdim=True)
+        return self.raw / ((1 + r2).sqrt() * self.radius)
+
+    @staticmethod
+    def _sigma(b, x):
+        return 1 - 2 * (b * x).sum(-1) + b.pow(2).sum(-1) * x.pow(2).sum(-1)
+
+    @staticmethod
+    def _sct(b, x):
+        return (x - b * x.pow(2).sum(-1, keepdim=True)) / Mobius._sigma(b, x).unsqueeze(-1)
+
+    def _check(self, b, x, what):
+        if not validation_enabled():
+            return
+        if self.radius is not None and what == "input":
+            norm = x.norm(dim=-1)
+            if bool((norm >= self.radius).any()):
+                raise ValueError(
+                    f"Mobius: {int((norm >= self.radius).sum())} input points lie outside the "
+                    f"domain |x| < {self.radius} (largest |x| = {float(norm.max()):.4g})"
+                )
+        sigma = self._sigma(b, x)
+        scale = 1 + b.pow(2).sum(-1) * x.pow(2).sum(-1)
+        bad = sigma <= 64 * torch.finfo(x.dtype).eps * scale
+        if bool(bad.any()):
+            raise ValueError(
+                f"Mobius: {int(bad.sum())} {what} points lie at the pole of the map "
+                f"(sigma = {float(sigma.min()):.3g}), outside its domain"
+            )
+
+    def _call(self, x):
+        b = self.b
+        self._check(b, x, "input")
+        return self._sct(b, x)
+
+    def _inverse(self, y):
+        b = self.b
+        self._check(-b, y, "output")
+        return self._sct(-b, y)
+
+    def log_conformal_factor(self, x, y):
+        return -self._sigma(self.b, x).log()
+
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}, radius={self.radius}"
+
+
+def householder_to(pole: torch.Tensor) -> torch.Tensor:
+    r"""The reflection :math:`H = I - 2ww^\top/|w|^2`, :math:`w = e_n - p`, with
+    :math:`H e_n = p` (the identity when :math:`p = e_n`); :math:`H` is symmetric and its own
+    inverse. ``pole`` has shape :math:`(*B, n)` and unit norm; returns :math:`(*B, n, n)`."""
+    n = pole.shape[-1]
+    e = torch.zeros_like(pole)
+    e[..., -1] = 1
+    w = e - pole
+    w2 = w.pow(2).sum(-1, keepdim=True)
+    # For p = e_n (w = 0) the reflection is the identity; the where keeps gradients finite.
+    safe = w2 > 0
+    coef = torch.where(safe, 2 / torch.where(safe, w2, torch.ones_like(w2)), torch.zeros_like(w2))
+    eye = torch.eye(n, dtype=pole.dtype, device=pole.device)
+    return eye - coef.unsqueeze(-1) * w.unsqueeze(-1) * w.unsqueeze(-2)
+
+
+class InverseStereographic(InjectiveTransform, ConformalTransform):
+    r"""Inverse stereographic projection :math:`\mathbb{R}^d \to S^d \subset \mathbb{R}^{d+1}`
+    from the pole :math:`p`:
+
+    .. math::
+        u \mapsto H \Big(\frac{2u}{1 + |u|^2}, \frac{|u|^2 - 1}{|u|^2 + 1}\Big), \qquad
+        \lambda(u) = \frac{2}{1 + |u|^2},
+
+    with :math:`H` the reflection taking the north pole :math:`e_{d+1}` to :math:`p`
+    (:func:`householder_to`). The image is the unit sphere minus :math:`p`.
+
+    Left inverse: stereographic projection from :math:`p` after the radial projection
+    :math:`y \mapsto y/|y|` onto the sphere (so points off the sphere are first pulled
+    radially onto it); the pole itself has no preimage and raises under validation.
+
+    Arguments:
+        in_features: :math:`d`.
+        pole: unit vector of shape :math:`(*B, d+1)`; default the north pole
+            :math:`e_{d+1}`.
+
+    Example:
+        >>> f = InverseStereographic(1)
+        >>> f(torch.tensor([1.0]))  # (2u, u^2 - 1) / (u^2 + 1)
+        tensor([1., 0.])
+    """
+
+    def __init__(self, in_features: int, pole: torch.Tensor | None = None):
+        super().__init__(in_features, in_features + 1)
+        if pole is None:
+            pole = torch.zeros(in_features + 1)
+            pole[-1] = 1
+            self.register_buffer("pole", pole)
+        else:
+            check_features(pole, in_features + 1, "InverseStereographic", "pole")
+            if validation_enabled():
+                norm = pole.norm(dim=-1)
+                if not bool(torch.allclose(norm, torch.ones_like(norm), atol=1e-6)):
+                    raise ValueError(
+                        f"InverseStereographic: pole must have unit norm, got norms in "
+                        f"[{float(norm.min()):.6g}, {float(norm.max()):.6g}]"
+                    )
+            store(self, "pole", pole)
+
+    def _reflection(self, like):
+        return householder_to(self.pole.to(like.dtype))
+
+    def _call(self, x):
+        r2 = x.pow(2).sum(-1, keepdim=True)
+        z = torch.cat([2 * x, r2 - 1], -1) / (r2 + 1)
+        return matvec(self._reflection(x), z)
+
+    def _inverse(self, y):
+        z = matvec(self._reflection(y), y)
+        z = z / z.norm(dim=-1, keepdim=True)
+        denom = 1 - z[..., -1:]
+        if validation_enabled() and bool((denom <= 0).any()):
+            raise ValueError(
+                f"InverseStereographic.inv: {int((denom <= 0).sum())} points lie at the pole, "
+                "which has no stereographic coordinates"
+            )
+        return z[..., :-1] / denom
+
+    def log_conformal_factor(self, x, y):
+        return math.log(2) - torch.log1p(x.pow(2).sum(-1))
+
+
+class ConformalEmbedding(InjectiveCompose, ConformalTransform):
+    r"""A composition of conformal layers, :math:`c = c_n \circ \dots \circ c_1`, with the
+    running conformal factor :math:`\lambda = \prod_i \lambda_i` and volume term
+    :math:`d\log\lambda`.
+
+    Typical use: ``[ZeroPad(d, D) or StiefelEmbedding(d, D) or InverseStereographic(d),
+    Orthogonal(D), Scale(D), Mobius(D), Shift(D)]``. Every part must be a
+    :class:`~atlasdist.transforms.ConformalTransform`.
+
+    Example:
+        >>> c = ConformalEmbedding([InverseStereographic(2), Scale(3, init=2.0), Shift(3)])
+        >>> y, ladj = c.call_and_ladj(torch.zeros(4, 2))
+        >>> y.shape, ladj.shape
+        (torch.Size([4, 3]), torch.Size([4]))
+    """
+
+    def __init__(self, parts, in_features: int | None = None):
+        parts = list(parts)
+        for i, part in enumerate(parts):
+            if not isinstance(part, ConformalTransform):
+                raise TypeError(
+                    f"ConformalEmbedding: part {i} ({type(part).__name__}) is not "
+                    "a ConformalTransform"
+                )
+        super().__init__(parts, in_features=in_features)
+
+    def call_and_ladj(self, x):
+        y, log_factor = self.call_and_log_factor(x)
+        return y, x.shape[-1] * log_factor
+
+    def call_and_log_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""Returns :math:`(c(x), \log\lambda(x))` in one pass."""
+        log_factor = 0.0
+        for part in self.parts:
+            y = part(x)
+            log_factor = log_factor + part.log_conformal_factor(x, y)
+            x = y
+        return x, log_factor
+
+    def log_conformal_factor(self, x, y):
+        return self.call_and_log_factor(x)[1]
