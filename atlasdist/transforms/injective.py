@@ -195,8 +195,8 @@ class InjectiveCompose(InjectiveTransform):
             elif raised and not isinstance(part, ConformalTransform):
                 raise TypeError(
                     f"part {i} ({type(part).__name__}) comes after a dimension-raising part but "
-                    "is not a ConformalTransform: the d-dimensional volume term of a general map of "
-                    "R^D has no closed form (see atlasdist.geometry.log_volume_ratio)"
+                    "is not a ConformalTransform: the d-dimensional volume term of a general "
+                    "map of R^D has no closed form (see atlasdist.geometry.log_volume_ratio)"
                 )
             elif not part.bijective:
                 raise TypeError(
