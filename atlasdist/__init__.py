@@ -1,11 +1,19 @@
 """atlasdist: probability distributions on manifolds for PyTorch and Pyro."""
 
-from . import geometry, transforms
+from . import charts, distributions, geometry, transforms
+from .atlas import AtlasFlow
+from .charts import ChartMembership
+from .distributions import AtlasFlowDistribution
 from .geometry import log_volume_ratio, manifold_log_volume_ratio, tangent_frame
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtlasFlow",
+    "AtlasFlowDistribution",
+    "ChartMembership",
+    "charts",
+    "distributions",
     "geometry",
     "transforms",
     "log_volume_ratio",

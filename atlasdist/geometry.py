@@ -21,7 +21,13 @@ from torch.func import jacfwd, jvp, vmap
 
 from ._checks import no_validation
 
-__all__ = ["jacobian", "log_volume_ratio", "tangent_frame", "manifold_log_volume_ratio"]
+__all__ = [
+    "jacobian",
+    "batched_jacobian",
+    "log_volume_ratio",
+    "tangent_frame",
+    "manifold_log_volume_ratio",
+]
 
 
 def jacobian(
@@ -51,18 +57,26 @@ def jacobian(
             if "vmap" not in str(err):
                 raise
             chunks = flat.split(chunk_size or max(len(flat), 1))
-            jac = torch.cat([_batched_jacfwd(fn, c) for c in chunks])
+            jac = torch.cat([batched_jacobian(fn, c) for c in chunks])
     return jac.reshape(batch + jac.shape[1:])
 
 
-def _batched_jacfwd(fn, x: torch.Tensor) -> torch.Tensor:
-    # One JVP per input coordinate, pushed through the whole batch at once: column j of every
-    # point's Jacobian, valid because fn acts on each point independently.
+def batched_jacobian(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    r"""Jacobians of a row-wise map by :math:`d` forward-mode passes over the whole batch.
+
+    Unlike :func:`jacobian` it needs no ``vmap``: ``fn`` takes the whole batch :math:`(N, d)`
+    and must act on each row independently (it may hold per-row parameters, as a
+    chart-conditioned transform does).
+
+    Returns:
+        :math:`J` of shape :math:`(N, D, d)`.
+    """
     cols = []
-    for j in range(x.shape[-1]):
-        tangent = torch.zeros_like(x)
-        tangent[..., j] = 1
-        cols.append(jvp(fn, (x,), (tangent,))[1])
+    with no_validation():
+        for j in range(x.shape[-1]):
+            tangent = torch.zeros_like(x)
+            tangent[..., j] = 1
+            cols.append(jvp(fn, (x,), (tangent,))[1])
     return torch.stack(cols, -1)
 
 

@@ -1,1 +1,5 @@
 """Distributions on manifolds."""
+
+from .atlas import AtlasFlowDistribution
+
+__all__ = ["AtlasFlowDistribution"]

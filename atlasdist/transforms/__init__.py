@@ -1,6 +1,7 @@
 """Injective, conformal and chart-conditioned transforms."""
 
 from .conditional import (
+    ChartTable,
     ConditionalConformalEmbedding,
     ConditionalInjectiveCompose,
     ConditionalInverseStereographic,
@@ -49,6 +50,7 @@ __all__ = [
     "householder_to",
     "ProductEmbedding",
     "Hypernet",
+    "ChartTable",
     "householder_stiefel",
     "ConditionalShift",
     "ConditionalScale",

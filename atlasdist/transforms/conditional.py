@@ -34,6 +34,7 @@ from .injective import InjectiveCompose
 
 __all__ = [
     "Hypernet",
+    "ChartTable",
     "householder_stiefel",
     "ConditionalShift",
     "ConditionalScale",
@@ -68,6 +69,36 @@ class Hypernet(nn.Module):
         return self.net(context)
 
 
+class ChartTable(nn.Module):
+    r"""A table of per-chart parameters, looked up by a one-hot chart context:
+    ``context (*, K) -> context @ table (*, p)``.
+
+    Use it as the ``hypernet`` of a conditional layer to give each of :math:`K` charts its own
+    free (or fixed, ``learnable=False``) parameters instead of shared weights, e.g. known
+    stereographic poles, or a circle's centre and radius per chart. The values are the raw
+    parameters of the layer (see each layer).
+
+    Arguments:
+        table: tensor of shape :math:`(K, p)`.
+        learnable: whether the table is an ``nn.Parameter``.
+    """
+
+    def __init__(self, table: torch.Tensor, learnable: bool = True):
+        super().__init__()
+        if table.dim() != 2:
+            raise ValueError(f"ChartTable: table must have shape (K, p), got {tuple(table.shape)}")
+        if learnable:
+            self.table = nn.Parameter(table.clone())
+        else:
+            self.register_buffer("table", table.clone())
+        self.context_features = table.shape[0]
+        self.out_features = table.shape[1]
+
+    def forward(self, context: torch.Tensor) -> torch.Tensor:
+        check_features(context, self.context_features, "ChartTable", "one-hot context")
+        return context @ self.table
+
+
 def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     r"""A matrix with orthonormal columns from unconstrained parameters, as a product of
     Householder reflections.
@@ -91,9 +122,16 @@ def _num_reflector_params(rows: int, cols: int) -> int:
 
 
 class _ConditionalLayer(ConditionalTransformModule):
-    def __init__(self, context_features, num_params, hidden):
+    def __init__(self, context_features, num_params, hidden, hypernet=None):
         super().__init__()
-        self.hypernet = Hypernet(context_features, num_params, hidden)
+        if hypernet is None:
+            hypernet = Hypernet(context_features, num_params, hidden)
+        elif getattr(hypernet, "out_features", num_params) != num_params:
+            raise ValueError(
+                f"{type(self).__name__}: the hypernet gives {hypernet.out_features} parameters, "
+                f"the layer takes {num_params}"
+            )
+        self.hypernet = hypernet
 
     @property
     def context_features(self) -> int:
@@ -103,8 +141,14 @@ class _ConditionalLayer(ConditionalTransformModule):
 class ConditionalShift(_ConditionalLayer):
     r""":math:`x \mapsto x + b(v)`; ``condition(v)`` gives a :class:`Shift`."""
 
-    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (32,)):
-        super().__init__(context_features, features, hidden)
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        hidden: Sequence[int] = (32,),
+        hypernet: nn.Module | None = None,
+    ):
+        super().__init__(context_features, features, hidden, hypernet)
         self.features = features
 
     def condition(self, context):
@@ -114,8 +158,14 @@ class ConditionalShift(_ConditionalLayer):
 class ConditionalScale(_ConditionalLayer):
     r""":math:`x \mapsto e^{s(v)} x`; ``condition(v)`` gives a :class:`Scale`."""
 
-    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (32,)):
-        super().__init__(context_features, 1, hidden)
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        hidden: Sequence[int] = (32,),
+        hypernet: nn.Module | None = None,
+    ):
+        super().__init__(context_features, 1, hidden, hypernet)
         self.features = features
 
     def condition(self, context):
@@ -126,8 +176,16 @@ class ConditionalOrthogonal(_ConditionalLayer):
     r""":math:`x \mapsto Q(v) x` with :math:`Q(v)` orthogonal (:func:`householder_stiefel`);
     ``condition(v)`` gives an :class:`Orthogonal`."""
 
-    def __init__(self, features: int, context_features: int, hidden: Sequence[int] = (32,)):
-        super().__init__(context_features, _num_reflector_params(features, features), hidden)
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        hidden: Sequence[int] = (32,),
+        hypernet: nn.Module | None = None,
+    ):
+        super().__init__(
+            context_features, _num_reflector_params(features, features), hidden, hypernet
+        )
         self.features = features
 
     def condition(self, context):
@@ -145,6 +203,7 @@ class ConditionalStiefelEmbedding(_ConditionalLayer):
         out_features: int,
         context_features: int,
         hidden: Sequence[int] = (32,),
+        hypernet: nn.Module | None = None,
     ):
         if out_features < in_features:
             raise ValueError(
@@ -152,7 +211,7 @@ class ConditionalStiefelEmbedding(_ConditionalLayer):
                 f"got d={in_features} > D={out_features}"
             )
         super().__init__(
-            context_features, _num_reflector_params(out_features, in_features), hidden
+            context_features, _num_reflector_params(out_features, in_features), hidden, hypernet
         )
         self.in_features, self.out_features = in_features, out_features
 
@@ -171,8 +230,9 @@ class ConditionalMobius(_ConditionalLayer):
         context_features: int,
         radius: float | None = None,
         hidden: Sequence[int] = (32,),
+        hypernet: nn.Module | None = None,
     ):
-        super().__init__(context_features, features, hidden)
+        super().__init__(context_features, features, hidden, hypernet)
         self.features, self.radius = features, radius
 
     def condition(self, context):
@@ -184,8 +244,14 @@ class ConditionalInverseStereographic(_ConditionalLayer):
     :math:`p(v) = (e_{d+1} + r(v)) / |e_{d+1} + r(v)|`; ``condition(v)`` gives an
     :class:`InverseStereographic`."""
 
-    def __init__(self, in_features: int, context_features: int, hidden: Sequence[int] = (32,)):
-        super().__init__(context_features, in_features + 1, hidden)
+    def __init__(
+        self,
+        in_features: int,
+        context_features: int,
+        hidden: Sequence[int] = (32,),
+        hypernet: nn.Module | None = None,
+    ):
+        super().__init__(context_features, in_features + 1, hidden, hypernet)
         self.in_features = in_features
 
     def condition(self, context):

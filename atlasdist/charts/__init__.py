@@ -1,0 +1,5 @@
+"""Chart regions and membership."""
+
+from .membership import ChartMembership
+
+__all__ = ["ChartMembership"]

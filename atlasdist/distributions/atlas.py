@@ -1,0 +1,413 @@
+r"""An exact mixture of injective flows over a chart atlas (reference/000, eq. 1-2).
+
+Chart :math:`k` maps latent :math:`z \in \mathbb{R}^d` to :math:`x = g_k(z) = c_k(h_k(z))` with
+a bijective flow :math:`h_k` and an injective conformal embedding :math:`c_k`, both conditioned
+on the chart's context (by default its centre :math:`v_k`), so that all charts share weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions import TorchDistribution
+from pyro.distributions.conditional import ConditionalTransform
+from torch.distributions import Categorical, Transform, TransformedDistribution, constraints
+
+from .._checks import check_features, validation_enabled
+from ..geometry import batched_jacobian
+
+__all__ = ["AtlasFlowDistribution"]
+
+
+def condition(part, context: torch.Tensor):
+    """``part.condition(context)`` for conditional transforms, ``part`` itself otherwise."""
+    return part.condition(context) if isinstance(part, ConditionalTransform) else part
+
+
+class _OnAtlas(constraints.Constraint):
+    """Points on the union of the chart images (reconstruction within the atlas's tolerance)."""
+
+    is_discrete = False
+    event_dim = 1
+
+    def __init__(self, dist: AtlasFlowDistribution):
+        self.dist = dist
+        super().__init__()
+
+    def check(self, value):
+        return self.dist.distance_to_support(value) <= self.dist._tolerance(value)
+
+    def __repr__(self):
+        return f"OnAtlas(charts={self.dist.num_charts})"
+
+
+class AtlasFlowDistribution(TorchDistribution):
+    r"""Mixture of injective flows over an atlas of :math:`K` charts,
+    :math:`P = \sum_k \pi_k (g_k)_\# q`, with the exact density
+
+    .. math::
+        p(x) = \sum_{k:\, x \in S_k} \pi_k\, p_k(x), \qquad
+        \log p_k(x) = \log q(z) - \log|\det J_{h_k}(z)| - d \log\lambda_k(h_k(z)),
+        \quad z = f_k(x),
+
+    w.r.t. the :math:`d`-dimensional volume (Hausdorff) measure on the support
+    :math:`\bigcup_k S_k`, :math:`S_k = g_k(\mathbb{R}^d)`. (For a non-conformal embedding the
+    last term is its :math:`\frac12\log\det J^\top J`.)
+
+    **Which charts are summed.** Candidates come from the chart membership (``cap`` charts
+    per point, nearest centres in code space); a candidate counts when :math:`x` lies on its
+    image, :math:`|g_k(f_k(x)) - x| \le \text{atol}\,(1 + |x|)`. The sum is the exact density
+    whenever the candidates include every chart whose image contains :math:`x`: always when
+    ``cap`` :math:`\ge K`, and when the chart images are confined to their regions (e.g.
+    disjoint components). :meth:`missed_mass` estimates, by sampling, the probability mass
+    whose generating chart is not proposed; it bounds the normalization error otherwise. A
+    sum over charts that do not contain :math:`x`, each at its own projection of :math:`x`,
+    would count mass several times and is never used.
+
+    **Off the support.** :meth:`project` gives the nearest chart image point and its
+    distance; with ``noise_scale`` :math:`\sigma`, ``log_prob`` is the thickened density on
+    :math:`\mathbb{R}^D`
+
+    .. math:: p_\sigma(x) = p(\pi(x))\, \mathcal{N}(x - \pi(x); 0, \sigma^2 I_{D-d}),
+
+    with :math:`\pi(x)` the candidate chart's projection of least error (the chart's own left
+    inverse: the nearest point for flat and spherical charts). It is normalized only
+    approximately (exactly in the limit :math:`\sigma \to 0` for a smooth support); ``sample``
+    then adds normal noise of scale :math:`\sigma` orthogonal to the chart. Without
+    ``noise_scale``, ``log_prob`` of an off-support point is :math:`-\infty`, or a
+    ``ValueError`` giving its distance under ``validate_args``.
+
+    **Gradients.** ``rsample`` is pathwise for every continuous parameter (base, flows,
+    embeddings, contexts/centres); the chart index is discrete, so the mixture logits get no
+    gradient from ``rsample`` (train them through ``log_prob``).
+
+    Cost: ``log_prob`` evaluates ``cap`` charts per point (one batched call of the
+    conditioned flows over all (point, candidate) pairs); ``sample`` evaluates only the
+    drawn chart of each draw.
+
+    Arguments:
+        base: :math:`q`, a distribution with event shape :math:`(d,)` and batch shape ``()``.
+        flows: the latent flow :math:`h` as transforms of :math:`\mathbb{R}^d`, first applied
+            first; conditional ones (Pyro ``ConditionalTransformModule``) are conditioned on
+            the chart context.
+        embedding: :math:`c`, an :class:`~atlasdist.transforms.InjectiveTransform` (one for all
+            charts) or a conditional transform whose ``condition`` gives one.
+        centres: chart centres :math:`v_k` in code space, shape :math:`(K, c)`.
+        logits: mixture logits, shape :math:`(K,)`.
+        membership: a :class:`~atlasdist.charts.ChartMembership`.
+        context: conditioning context of each chart, shape :math:`(K, c')`; default
+            ``centres``.
+        atol: on-image tolerance (relative to :math:`1 + |x|`); default :math:`10^{-4}` in
+            float32 and :math:`10^{-8}` in float64.
+        noise_scale: :math:`\sigma` of the thickened density, or ``None`` (exact density).
+
+    Example:
+        >>> from atlasdist import AtlasFlow
+        >>> p = AtlasFlow(D=3, d=2, charts=4).flow()
+        >>> x = p.sample((5,))
+        >>> x.shape, p.log_prob(x).shape
+        (torch.Size([5, 3]), torch.Size([5]))
+    """
+
+    arg_constraints: dict = {}
+    has_rsample = True
+
+    def __init__(
+        self,
+        base: torch.distributions.Distribution,
+        flows: Sequence,
+        embedding,
+        centres: torch.Tensor,
+        logits: torch.Tensor,
+        membership,
+        context: torch.Tensor | None = None,
+        atol: float | None = None,
+        noise_scale: float | None = None,
+        batch_shape: torch.Size = torch.Size(),
+        validate_args: bool | None = None,
+    ):
+        d = base.event_shape[0] if len(base.event_shape) == 1 else None
+        if d is None or base.batch_shape != ():
+            raise ValueError(
+                f"base must have event shape (d,) and batch shape (), got event "
+                f"{tuple(base.event_shape)}, batch {tuple(base.batch_shape)}"
+            )
+        if centres.dim() != 2:
+            raise ValueError(f"centres must have shape (K, c), got {tuple(centres.shape)}")
+        num_charts = centres.shape[0]
+        if logits.shape != (num_charts,):
+            raise ValueError(f"logits must have shape ({num_charts},), got {tuple(logits.shape)}")
+        context = centres if context is None else context
+        if context.dim() != 2 or context.shape[0] != num_charts:
+            raise ValueError(
+                f"context must have shape ({num_charts}, c'), got {tuple(context.shape)}"
+            )
+        if noise_scale is not None and not noise_scale > 0:
+            raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
+        for i, part in enumerate(flows):
+            if not isinstance(part, Transform | ConditionalTransform):
+                raise TypeError(f"flows[{i}] is not a (conditional) transform: {type(part)}")
+        self.base, self.flows, self.embedding = base, list(flows), embedding
+        self.centres, self.logits, self.context = centres, logits, context
+        self.membership = membership
+        self.latent_dim = d
+        self.atol, self.noise_scale = atol, noise_scale
+        probe = condition(embedding, context[:1])
+        self.ambient_dim = probe.out_features
+        if probe.in_features != d:
+            raise ValueError(
+                f"the embedding takes {probe.in_features} latent features, the base has {d}"
+            )
+        super().__init__(
+            batch_shape=torch.Size(batch_shape),
+            event_shape=torch.Size([self.ambient_dim]),
+            validate_args=validate_args,
+        )
+
+    # -- structure -----------------------------------------------------------------------
+
+    @property
+    def num_charts(self) -> int:
+        return self.centres.shape[0]
+
+    @property
+    def mixture_log_weights(self) -> torch.Tensor:
+        r""":math:`\log \pi_k`, shape :math:`(K,)`."""
+        return self.logits.log_softmax(-1)
+
+    @constraints.dependent_property(is_discrete=False, event_dim=1)
+    def support(self):
+        if self.noise_scale is not None:
+            return constraints.real_vector
+        return _OnAtlas(self)
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(AtlasFlowDistribution, _instance)
+        new.__dict__.update(self.__dict__)
+        super(AtlasFlowDistribution, new).__init__(
+            batch_shape=torch.Size(batch_shape),
+            event_shape=self.event_shape,
+            validate_args=False,
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    def chart_maps(self, charts: torch.Tensor):
+        r"""The latent flow :math:`h` and embedding :math:`c` of the given charts, conditioned
+        row-wise: ``charts`` of shape :math:`(N,)` gives transforms acting on :math:`(N, \cdot)`.
+        """
+        ctx = self.context[charts]
+        return [condition(part, ctx) for part in self.flows], condition(self.embedding, ctx)
+
+    def _tolerance(self, x: torch.Tensor) -> torch.Tensor:
+        atol = self.atol
+        if atol is None:
+            atol = 1e-8 if x.dtype == torch.float64 else 1e-4
+        return atol * (1 + x.norm(dim=-1))
+
+    # -- sampling ------------------------------------------------------------------------
+
+    def decode(self, z: torch.Tensor, charts: torch.Tensor) -> torch.Tensor:
+        r""":math:`x = g_k(z)`: ``z`` :math:`(*, d)`, ``charts`` :math:`(*)` :math:`\to (*, D)`."""
+        flat_z = z.reshape(-1, self.latent_dim)
+        flows, emb = self.chart_maps(charts.reshape(-1))
+        u = flat_z
+        for t in flows:
+            u = t(u)
+        return emb(u).reshape(z.shape[:-1] + (self.ambient_dim,))
+
+    def rsample_with_charts(self, sample_shape=torch.Size()):
+        r"""Draws :math:`k \sim \pi`, :math:`z \sim q`, :math:`x = g_k(z)`; returns
+        ``(x, k)`` of shapes ``sample_shape + batch_shape + (D,)`` and ``... + ()``."""
+        shape = self._extended_shape(sample_shape)
+        n = math.prod(shape[:-1])
+        charts = Categorical(logits=self.logits).sample((n,))
+        z = self.base.rsample((n,))
+        x = self.decode(z, charts)
+        if self.noise_scale is not None:
+            x = x + self.noise_scale * self._normal_noise(z, charts)
+        return x.reshape(shape), charts.reshape(shape[:-1])
+
+    def _normal_noise(self, z, charts):
+        # Isotropic noise in the (D - d)-dimensional normal space of the chart at g_k(z).
+        jac = batched_jacobian(lambda w: self.decode(w, charts), z.detach())
+        q = torch.linalg.qr(jac, mode="complete").Q[..., self.latent_dim :]
+        eps = torch.randn(q.shape[:-2] + q.shape[-1:], dtype=z.dtype, device=z.device)
+        return (q @ eps.unsqueeze(-1)).squeeze(-1)
+
+    def rsample(self, sample_shape=torch.Size()):
+        return self.rsample_with_charts(sample_shape)[0]
+
+    def sample(self, sample_shape=torch.Size()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+    # -- evaluation over (point, candidate chart) pairs ----------------------------------
+
+    def _check_value(self, x: torch.Tensor) -> torch.Tensor:
+        check_features(x, self.ambient_dim, "AtlasFlowDistribution", "value")
+        if x.dtype != self.logits.dtype or x.device != self.logits.device:
+            raise ValueError(
+                f"AtlasFlowDistribution: value has dtype {x.dtype} on {x.device}, the atlas's "
+                f"parameters have dtype {self.logits.dtype} on {self.logits.device}"
+            )
+        if validation_enabled() and not bool(torch.isfinite(x).all()):
+            raise ValueError("AtlasFlowDistribution: value holds NaN or infinite entries")
+        return x
+
+    def _pairs(self, x: torch.Tensor):
+        """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D) in one
+        batched pass; returns per-pair tensors of shape (N, C, ...)."""
+        charts, region = self.membership.candidates(x, self.centres)
+        n, c = charts.shape
+        xs = x.unsqueeze(1).expand(n, c, self.ambient_dim).reshape(n * c, self.ambient_dim)
+        flows, emb = self.chart_maps(charts.reshape(-1))
+        u = emb.inv(xs)
+        recon, ladj_embedding = emb.call_and_ladj(u)
+        latent = TransformedDistribution(self.base.expand((n * c,)), flows)
+        log_chart = latent.log_prob(u) - ladj_embedding
+        z = u
+        for t in reversed(flows):
+            z = t.inv(z)
+        error = (recon - xs).norm(dim=-1)
+        return {
+            "charts": charts,
+            "region": region,
+            "z": z.reshape(n, c, self.latent_dim),
+            "recon": recon.reshape(n, c, self.ambient_dim),
+            "error": error.reshape(n, c),
+            "log_joint": (self.mixture_log_weights[charts] + log_chart.reshape(n, c)),
+            "on_image": region & (error <= self._tolerance(xs)).reshape(n, c),
+        }
+
+    def _flat(self, x: torch.Tensor):
+        x = self._check_value(x)
+        shape = torch.broadcast_shapes(x.shape[:-1], self.batch_shape)
+        x = x.expand(shape + (self.ambient_dim,))
+        return x.reshape(-1, self.ambient_dim), shape
+
+    def _exact_log_prob(self, flat: torch.Tensor, raise_off_support: bool) -> torch.Tensor:
+        pairs = self._pairs(flat)
+        log_joint = pairs["log_joint"].masked_fill(~pairs["on_image"], -math.inf)
+        lp = log_joint.logsumexp(-1)
+        if raise_off_support:
+            off = ~pairs["on_image"].any(-1)
+            if bool(off.any()):
+                dist = pairs["error"].masked_fill(~pairs["region"], math.inf).min(-1).values
+                raise ValueError(
+                    f"AtlasFlowDistribution: {int(off.sum())} points lie off the model's "
+                    f"support (distance to the nearest candidate chart image up to "
+                    f"{float(dist[off].max()):.3g}, tolerance "
+                    f"{float(self._tolerance(flat)[off].max()):.3g})"
+                )
+        return lp
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        """Log density of ``value`` (shape ``(*, D)``), see the class docstring for the
+        measure; returns shape ``broadcast(*, batch_shape)``."""
+        flat, shape = self._flat(value)
+        if self.noise_scale is None:
+            lp = self._exact_log_prob(flat, raise_off_support=bool(self._validate_args))
+            return lp.reshape(shape)
+        projected, distance, _ = self._project_flat(flat)
+        codim = self.ambient_dim - self.latent_dim
+        sigma = self.noise_scale
+        log_normal = -0.5 * codim * math.log(2 * math.pi * sigma**2) - distance.pow(2) / (
+            2 * sigma**2
+        )
+        return (self._exact_log_prob(projected, False) + log_normal).reshape(shape)
+
+    # -- off the support -----------------------------------------------------------------
+
+    def _project_flat(self, flat):
+        pairs = self._pairs(flat)
+        error = pairs["error"].masked_fill(~pairs["region"], math.inf)
+        best = error.argmin(-1, keepdim=True)
+        recon = pairs["recon"].gather(1, best.unsqueeze(-1).expand(-1, 1, self.ambient_dim))
+        return recon[:, 0], error.gather(1, best)[:, 0], pairs["charts"].gather(1, best)[:, 0]
+
+    def project(self, value: torch.Tensor):
+        r"""Nearest candidate chart image point :math:`\pi(x) = g_k(f_k(x))`.
+
+        Returns:
+            ``(projection (*, D), distance (*), chart (*))``: the candidate chart whose own
+            projection of :math:`x` is closest, and that distance (the reconstruction
+            error).
+        """
+        flat, shape = self._flat(value)
+        x, dist, charts = self._project_flat(flat)
+        return x.reshape(shape + (self.ambient_dim,)), dist.reshape(shape), charts.reshape(shape)
+
+    def distance_to_support(self, value: torch.Tensor) -> torch.Tensor:
+        """Distance from ``value`` to the nearest candidate chart image, shape ``(*)``."""
+        return self.project(value)[1]
+
+    def chart_log_posterior(self, value: torch.Tensor):
+        r"""Chart posterior :math:`\log p(k \mid x)` over the candidate charts.
+
+        On the support, :math:`p(k|x) \propto \pi_k p_k(x)` over the charts whose image
+        contains :math:`x`. Off it, with ``noise_scale`` :math:`\sigma`, each candidate is
+        weighted by its thickened likelihood
+        :math:`\pi_k p_k(\pi_k(x)) \exp(-|x - \pi_k(x)|^2 / 2\sigma^2)`; without it, the
+        candidate of least reconstruction error gets probability one.
+
+        Returns:
+            ``(charts, log_posterior)``, both of shape :math:`(*, C)`; entries of charts that
+            are not candidates for the point hold :math:`-\infty`.
+        """
+        flat, shape = self._flat(value)
+        post, pairs = self._posterior(flat)
+        c = post.shape[-1]
+        return pairs["charts"].reshape(shape + (c,)), post.reshape(shape + (c,))
+
+    def _posterior(self, flat):
+        pairs = self._pairs(flat)
+        on = pairs["on_image"]
+        if self.noise_scale is not None:
+            error = pairs["error"].masked_fill(~pairs["region"], math.inf)
+            weights = pairs["log_joint"] - error.pow(2) / (2 * self.noise_scale**2)
+            weights = torch.where(
+                on.any(-1, keepdim=True), weights.masked_fill(~on, -math.inf), weights
+            )
+        else:
+            error = pairs["error"].masked_fill(~pairs["region"], math.inf)
+            nearest = torch.zeros_like(on).scatter_(1, error.argmin(-1, keepdim=True), True)
+            keep = torch.where(on.any(-1, keepdim=True), on, nearest)
+            weights = pairs["log_joint"].masked_fill(~keep, -math.inf)
+        return weights - weights.logsumexp(-1, keepdim=True), pairs
+
+    def encode(self, value: torch.Tensor, stochastic: bool = False):
+        r"""Latent coordinates of :math:`x`.
+
+        Deterministic: :math:`z = \sum_k p(k|x) f_k(x)` over the candidates. Stochastic:
+        :math:`k \sim p(k|x)`, :math:`z = f_k(x)`.
+
+        Returns:
+            ``(z, charts)``: :math:`(*, d)` and, for the stochastic form, the drawn chart of
+            shape :math:`(*)` (the most probable chart for the deterministic form).
+        """
+        flat, shape = self._flat(value)
+        post, pairs = self._posterior(flat)
+        if stochastic:
+            pick = Categorical(logits=post).sample().unsqueeze(-1)
+        else:
+            pick = post.argmax(-1, keepdim=True)
+        charts = pairs["charts"].gather(1, pick)[:, 0]
+        if stochastic:
+            z = pairs["z"].gather(1, pick.unsqueeze(-1).expand(-1, 1, self.latent_dim))[:, 0]
+        else:
+            z = (post.exp().unsqueeze(-1) * pairs["z"].nan_to_num()).sum(1)
+        return z.reshape(shape + (self.latent_dim,)), charts.reshape(shape)
+
+    def missed_mass(self, num_samples: int = 4096) -> torch.Tensor:
+        r"""Monte Carlo estimate of :math:`P(k \notin C(x))`, :math:`(x, k)` drawn from the
+        model and :math:`C(x)` the candidate charts of :math:`x`: the fraction of mass
+        ``log_prob`` would not count (zero when ``cap`` :math:`\ge K`)."""
+        with torch.no_grad():
+            x, charts = self.rsample_with_charts((num_samples,))
+            x = x.reshape(-1, self.ambient_dim)
+            candidates, region = self.membership.candidates(x, self.centres)
+            hit = ((candidates == charts.reshape(-1, 1)) & region).any(-1)
+            return 1 - hit.to(x.dtype).mean()
