@@ -1,13 +1,12 @@
 """Every atlas density integrates to one on toy manifolds of known geometry (quadrature),
 for random flow parameters drawn by Hypothesis in a range the quadrature resolves."""
 
+import _atlases as A
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from atlasdist.geometry import log_volume_ratio
-
-import _atlases as A
 
 seeds = st.integers(0, 2**20)
 TOL = 1e-3

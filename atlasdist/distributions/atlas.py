@@ -20,6 +20,8 @@ from ..geometry import batched_jacobian
 
 __all__ = ["AtlasFlowDistribution"]
 
+_EMPTY = torch.Size()
+
 
 def condition(part, context: torch.Tensor):
     """``part.condition(context)`` for conditional transforms, ``part`` itself otherwise."""
@@ -125,7 +127,7 @@ class AtlasFlowDistribution(TorchDistribution):
         context: torch.Tensor | None = None,
         atol: float | None = None,
         noise_scale: float | None = None,
-        batch_shape: torch.Size = torch.Size(),
+        batch_shape: torch.Size = _EMPTY,
         validate_args: bool | None = None,
     ):
         d = base.event_shape[0] if len(base.event_shape) == 1 else None
@@ -218,7 +220,7 @@ class AtlasFlowDistribution(TorchDistribution):
             u = t(u)
         return emb(u).reshape(z.shape[:-1] + (self.ambient_dim,))
 
-    def rsample_with_charts(self, sample_shape=torch.Size()):
+    def rsample_with_charts(self, sample_shape=_EMPTY):
         r"""Draws :math:`k \sim \pi`, :math:`z \sim q`, :math:`x = g_k(z)`; returns
         ``(x, k)`` of shapes ``sample_shape + batch_shape + (D,)`` and ``... + ()``."""
         shape = self._extended_shape(sample_shape)
@@ -237,10 +239,10 @@ class AtlasFlowDistribution(TorchDistribution):
         eps = torch.randn(q.shape[:-2] + q.shape[-1:], dtype=z.dtype, device=z.device)
         return (q @ eps.unsqueeze(-1)).squeeze(-1)
 
-    def rsample(self, sample_shape=torch.Size()):
+    def rsample(self, sample_shape=_EMPTY):
         return self.rsample_with_charts(sample_shape)[0]
 
-    def sample(self, sample_shape=torch.Size()):
+    def sample(self, sample_shape=_EMPTY):
         with torch.no_grad():
             return self.rsample(sample_shape)
 
