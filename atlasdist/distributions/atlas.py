@@ -15,7 +15,7 @@ from pyro.distributions import TorchDistribution
 from pyro.distributions.conditional import ConditionalTransform
 from torch.distributions import Categorical, Transform, TransformedDistribution, constraints
 
-from .._checks import check_features, validation_enabled
+from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import batched_jacobian
 
 __all__ = ["AtlasFlowDistribution"]
@@ -266,13 +266,16 @@ class AtlasFlowDistribution(TorchDistribution):
         n, c = charts.shape
         xs = x.unsqueeze(1).expand(n, c, self.ambient_dim).reshape(n * c, self.ambient_dim)
         flows, emb = self.chart_maps(charts.reshape(-1))
-        u = emb.inv(xs)
-        recon, ladj_embedding = emb.call_and_ladj(u)
-        latent = TransformedDistribution(self.base.expand((n * c,)), flows)
-        log_chart = latent.log_prob(u) - ladj_embedding
-        z = u
-        for t in reversed(flows):
-            z = t.inv(z)
+        # Points outside a chart's domain (a stereographic pole, a Möbius pole) are not on
+        # that chart's image: the atlas decides membership itself, so layer checks are off.
+        with no_validation():
+            u = emb.inv(xs)
+            recon, ladj_embedding = emb.call_and_ladj(u)
+            latent = TransformedDistribution(self.base.expand((n * c,)), flows)
+            log_chart = latent.log_prob(u) - ladj_embedding
+            z = u
+            for t in reversed(flows):
+                z = t.inv(z)
         error = (recon - xs).norm(dim=-1)
         return {
             "charts": charts,
@@ -281,7 +284,9 @@ class AtlasFlowDistribution(TorchDistribution):
             "recon": recon.reshape(n, c, self.ambient_dim),
             "error": error.reshape(n, c),
             "log_joint": (self.mixture_log_weights[charts] + log_chart.reshape(n, c)),
-            "on_image": region & (error <= self._tolerance(xs)).reshape(n, c),
+            "on_image": region
+            & (error <= self._tolerance(xs)).reshape(n, c)
+            & torch.isfinite(log_chart).reshape(n, c),
         }
 
     def _flat(self, x: torch.Tensor):

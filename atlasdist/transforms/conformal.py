@@ -415,7 +415,9 @@ class InverseStereographic(InjectiveTransform, ConformalTransform):
                 f"InverseStereographic.inv: {int((denom <= 0).sum())} points lie at the pole, "
                 "which has no stereographic coordinates"
             )
-        return z[..., :-1] / denom
+        # Without validation the pole maps to large finite coordinates (|u| ~ 2/eps), whose
+        # image is the pole again: an atlas then sees a point of vanishing chart density.
+        return z[..., :-1] / denom.clamp_min(torch.finfo(y.dtype).eps)
 
     def log_conformal_factor(self, x, y):
         return math.log(2) - torch.log1p(x.pow(2).sum(-1))
