@@ -1,6 +1,6 @@
 """atlasdist: probability distributions on manifolds for PyTorch and Pyro."""
 
-from . import charts, distributions, geometry, transforms
+from . import charts, distributions, geometry, training, transforms
 from .atlas import AtlasFlow
 from .charts import ChartMembership
 from .distributions import AtlasFlowDistribution
@@ -15,6 +15,7 @@ __all__ = [
     "charts",
     "distributions",
     "geometry",
+    "training",
     "transforms",
     "log_volume_ratio",
     "manifold_log_volume_ratio",
