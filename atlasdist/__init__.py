@@ -1,6 +1,6 @@
 """atlasdist: probability distributions on manifolds for PyTorch and Pyro."""
 
-from . import charts, distributions, geometry, training, transforms
+from . import charts, datasets, distributions, geometry, training, transforms
 from .atlas import AtlasFlow
 from .charts import ChartMembership
 from .distributions import AtlasFlowDistribution
@@ -13,6 +13,7 @@ __all__ = [
     "AtlasFlowDistribution",
     "ChartMembership",
     "charts",
+    "datasets",
     "distributions",
     "geometry",
     "training",

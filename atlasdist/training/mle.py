@@ -98,7 +98,7 @@ def fit(
             if grad_clip is not None:
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
             count += len(batch)
         history["loss"].append(total / max(count, 1))
         postfix = {"loss": f"{history['loss'][-1]:.4f}"}
