@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from pyro.distributions import TorchDistribution
 from pyro.distributions.conditional import ConditionalTransform
-from torch.distributions import Categorical, Transform, TransformedDistribution, constraints
+from torch.distributions import Categorical, Transform, constraints
 
 from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import batched_jacobian
@@ -259,6 +259,17 @@ class AtlasFlowDistribution(TorchDistribution):
             raise ValueError("AtlasFlowDistribution: value holds NaN or infinite entries")
         return x
 
+    def _latent_log_prob(self, u: torch.Tensor, flows: list):
+        r"""Inverts the latent flow once: :math:`z = h^{-1}(u)` and
+        :math:`\log q(z) - \log|\det J_h(z)|`, the density of :math:`u = h(z)`."""
+        z, log_det = u, 0.0
+        for t in reversed(flows):
+            previous = t.inv(z)
+            term = t.log_abs_det_jacobian(previous, z)
+            log_det = log_det + (term.sum(-1) if t.domain.event_dim == 0 else term)
+            z = previous
+        return z, self.base.log_prob(z) - log_det
+
     def _pairs(self, x: torch.Tensor):
         """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D) in one
         batched pass; returns per-pair tensors of shape (N, C, ...)."""
@@ -271,11 +282,8 @@ class AtlasFlowDistribution(TorchDistribution):
         with no_validation():
             u = emb.inv(xs)
             recon, ladj_embedding = emb.call_and_ladj(u)
-            latent = TransformedDistribution(self.base.expand((n * c,)), flows)
-            log_chart = latent.log_prob(u) - ladj_embedding
-            z = u
-            for t in reversed(flows):
-                z = t.inv(z)
+            z, log_latent = self._latent_log_prob(u, flows)
+            log_chart = log_latent - ladj_embedding
         error = (recon - xs).norm(dim=-1)
         return {
             "charts": charts,
