@@ -18,9 +18,11 @@ from .transforms import (
     ChartTable,
     ConditionalConformalEmbedding,
     ConditionalInverseStereographic,
+    ConditionalMobius,
     ConditionalScale,
     ConditionalShift,
     ConditionalStiefelEmbedding,
+    householder_stiefel_raw,
 )
 
 __all__ = ["AtlasFlow", "default_latent_flow", "default_embedding"]
@@ -218,6 +220,85 @@ class AtlasFlow(nn.Module):
             embedding=embedding,
             **kwargs,
         )
+
+    @classmethod
+    def from_autoencoder(
+        cls,
+        vq,
+        data: torch.Tensor,
+        d: int,
+        *,
+        m: int = 2,
+        eps: float = 0.0,
+        cap: int | None = None,
+        learn_geometry: bool = True,
+        **kwargs,
+    ) -> AtlasFlow:
+        r"""An atlas whose charts are the codes of a trained
+        :class:`~atlasdist.charts.VQAutoencoder` (reference/000, "The chart maps").
+
+        - Membership: the autoencoder's regions :math:`U_k` (its encoder, its codebook as the
+          chart centres, ``m``, ``eps``, ``cap``).
+        - Chart :math:`k`: :math:`g_k(z) = o_k + s_k\, \mathrm{SCT}_{b_k}(W_k h_k(z))`, a
+          :math:`d`-plane with orientation :math:`W_k` that a special conformal map may bend
+          into a sphere, scaled and shifted. Initialised from the data the autoencoder
+          assigns to code :math:`k` (local PCA): :math:`o_k` their mean, :math:`W_k` their
+          top-:math:`d` principal directions, :math:`s_k` their spread along them,
+          :math:`b_k = 0` (flat); then learned (``learn_geometry``) as per-chart tables.
+        - Latent flows: shared weights, conditioned on ``[one-hot(k), v_k]``.
+        - Mixture weights: initialised at the codes' occupancy.
+
+        Arguments:
+            vq: a trained :class:`~atlasdist.charts.VQAutoencoder`.
+            data: the training points :math:`(N, D)`, for the initialisation.
+            d: manifold dimension.
+            kwargs: passed to :class:`AtlasFlow` (``layers``, ``hidden``, ``noise_scale``...).
+        """
+        D, K = vq.D, vq.num_charts
+        with torch.no_grad():
+            codebook = vq.codebook.detach().clone()
+            labels = vq.assign(data)
+            means = vq.decoder(codebook).to(data.dtype)
+            frames = torch.linalg.qr(torch.randn(K, D, d, dtype=data.dtype)).Q
+            spread = torch.full((K,), float(data.std(0).mean()), dtype=data.dtype)
+            counts = torch.bincount(labels, minlength=K)
+            for k in range(K):  # initialisation only
+                xk = data[labels == k]
+                if len(xk) > d:
+                    means[k] = xk.mean(0)
+                    _, sv, vt = torch.linalg.svd(xk - means[k], full_matrices=False)
+                    frames[k] = vt[:d].T
+                    spread[k] = (sv[:d].pow(2).mean() / len(xk)).sqrt().clamp_min(1e-3)
+        context = torch.cat([torch.eye(K, dtype=data.dtype), codebook.to(data.dtype)], -1)
+        c = context.shape[-1]
+
+        def table(values):
+            return ChartTable(values, learnable=learn_geometry, context_features=c)
+
+        embedding = ConditionalConformalEmbedding(
+            [
+                ConditionalStiefelEmbedding(
+                    d, D, c, hypernet=table(householder_stiefel_raw(frames))
+                ),
+                ConditionalMobius(D, c, hypernet=table(torch.zeros(K, D, dtype=data.dtype))),
+                ConditionalScale(D, c, hypernet=table(spread.log()[:, None])),
+                ConditionalShift(D, c, hypernet=table(means)),
+            ]
+        )
+        atlas = cls(
+            D,
+            d,
+            K,
+            centres=codebook,
+            learn_centres=False,
+            context=context,
+            embedding=embedding,
+            membership=vq.membership(m=m, eps=eps, cap=cap),
+            **kwargs,
+        )
+        with torch.no_grad():
+            atlas.logits.copy_((counts.to(atlas.logits.dtype) + 1).log())
+        return atlas.to(data.dtype)
 
     def base_distribution(self) -> Distribution:
         if self.base is not None:

@@ -69,17 +69,22 @@ class AtlasFlowDistribution(TorchDistribution):
     would count mass several times and is never used.
 
     **Off the support.** :meth:`project` gives the nearest chart image point and its
-    distance; with ``noise_scale`` :math:`\sigma`, ``log_prob`` is the thickened density on
-    :math:`\mathbb{R}^D`
+    distance; with ``noise_scale`` :math:`\sigma`, the model is the mixture of thickened
+    charts (what ``sample`` draws: :math:`x = g_k(z) + \sigma\,\nu`, :math:`\nu` standard
+    normal in the :math:`D - d` directions normal to chart :math:`k`), and ``log_prob`` is
+    its density on :math:`\mathbb{R}^D`
 
-    .. math:: p_\sigma(x) = p(\pi(x))\, \mathcal{N}(x - \pi(x); 0, \sigma^2 I_{D-d}),
+    .. math::
+        p_\sigma(x) = \sum_{k} \pi_k\, p_k(\hat x_k)\,
+        \mathcal{N}(|x - \hat x_k|; 0, \sigma^2 I_{D-d}), \qquad \hat x_k = g_k(f_k(x)),
 
-    with :math:`\pi(x)` the candidate chart's projection of least error (the chart's own left
-    inverse: the nearest point for flat and spherical charts). It is normalized only
-    approximately (exactly in the limit :math:`\sigma \to 0` for a smooth support); ``sample``
-    then adds normal noise of scale :math:`\sigma` orthogonal to the chart. Without
-    ``noise_scale``, ``log_prob`` of an off-support point is :math:`-\infty`, or a
-    ``ValueError`` giving its distance under ``validate_args``.
+    with :math:`\hat x_k` chart :math:`k`'s projection (its own left inverse: the nearest
+    point for flat and spherical charts). Where the chart images coincide (or are disjoint)
+    near :math:`x` this is :math:`p(\pi(x))\,\mathcal{N}(x - \pi(x); 0, \sigma^2 I_{D-d})`.
+    It is normalized only approximately: exactly for flat charts, up to
+    :math:`O(\sigma^2 \kappa^2)` for curvature :math:`\kappa` (a tube's volume differs from
+    the product measure). Without ``noise_scale``, ``log_prob`` of an off-support point is
+    :math:`-\infty`, or a ``ValueError`` giving its distance under ``validate_args``.
 
     **Gradients.** ``rsample`` is pathwise for every continuous parameter (base, flows,
     embeddings, contexts/centres); the chart index is discrete, so the mixture logits get no
@@ -326,13 +331,28 @@ class AtlasFlowDistribution(TorchDistribution):
         if self.noise_scale is None:
             lp = self._exact_log_prob(flat, raise_off_support=bool(self._validate_args))
             return lp.reshape(shape)
-        projected, distance, _ = self._project_flat(flat)
+        pairs = self._pairs(flat)
         codim = self.ambient_dim - self.latent_dim
         sigma = self.noise_scale
-        log_normal = -0.5 * codim * math.log(2 * math.pi * sigma**2) - distance.pow(2) / (
+        log_normal = -0.5 * codim * math.log(2 * math.pi * sigma**2) - pairs["error"].pow(2) / (
             2 * sigma**2
         )
-        return (self._exact_log_prob(projected, False) + log_normal).reshape(shape)
+        terms = (pairs["log_joint"] + log_normal).masked_fill(~pairs["region"], -math.inf)
+        return terms.logsumexp(-1).reshape(shape)
+
+    def chart_terms(self, value: torch.Tensor) -> dict[str, torch.Tensor]:
+        r"""Per-candidate terms of each point, each chart at its *own* projection of the point:
+        ``charts``, ``region`` (in :math:`U_k`), ``z`` (:math:`f_k(x)`), ``recon``
+        (:math:`g_k(f_k(x))`), ``error`` (:math:`|x - g_k(f_k(x))|`), ``log_joint``
+        (:math:`\log\pi_k + \log p_k(g_k(f_k(x)))`) and ``on_image``; shapes
+        :math:`(*, C, \dots)`.
+
+        These are training and diagnostic quantities: summed over charts that do not contain
+        :math:`x` they count mass several times, so their log-sum-exp is *not* a normalized
+        density (that is :meth:`log_prob`).
+        """
+        flat, shape = self._flat(value)
+        return {k: v.reshape(shape + v.shape[1:]) for k, v in self._pairs(flat).items()}
 
     # -- off the support -----------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -41,27 +42,39 @@ def fit(
     val_data: torch.Tensor | None = None,
     grad_clip: float | None = 10.0,
     seed: int | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    resume: bool = False,
     progress: bool = True,
 ) -> dict[str, list[float]]:
     r"""Fits ``model`` by minibatch gradient descent (Adam) on ``loss_fn`` (default: the
     negative log-likelihood of ``model.flow()``).
+
+    A ``loss_fn`` with a ``set_epoch(epoch)`` method is told the epoch before each one
+    (schedules, e.g. :class:`~atlasdist.training.AtlasObjective`); one with a
+    ``monitor(model, val_data) -> dict`` method reports held-out figures each epoch (otherwise
+    the held-out mean ``log_prob`` is recorded).
 
     Arguments:
         model: an ``nn.Module`` with ``flow()`` returning a distribution, e.g.
             :class:`~atlasdist.AtlasFlow`.
         data: tensor of shape :math:`(N, D)` (shuffled into minibatches) or any iterable of
             batches (e.g. a ``DataLoader``).
-        epochs: passes over the data.
+        epochs: total passes over the data (a resumed run continues up to this number).
         batch_size: minibatch size for tensor data.
         lr: Adam learning rate (ignored when ``optimizer`` is given).
         loss_fn: ``loss_fn(model, batch) -> scalar``.
-        val_data: held-out points; their mean log-likelihood is recorded each epoch.
+        val_data: held-out points, monitored each epoch.
         grad_clip: gradient norm clip (``None`` for none).
-        seed: seeds torch's generator for the run (parameter updates and shuffling).
+        seed: seeds the run (parameter updates and shuffling): the same seed gives the same
+            history and parameters.
+        checkpoint: file written after every epoch (model, optimizer, history, epoch and
+            random states).
+        resume: continue from ``checkpoint`` if it exists: the run goes on exactly as if it
+            had not stopped.
         progress: show a progress bar.
 
     Returns:
-        History with ``loss`` (mean per epoch) and, with ``val_data``, ``val_log_prob``.
+        History with ``loss`` (mean per epoch) and the monitored held-out figures.
 
     Example:
         >>> from atlasdist import AtlasFlow
@@ -73,24 +86,35 @@ def fit(
         >>> len(history["loss"])
         2
     """
-    generator = None
+    generator = torch.Generator()
     if seed is not None:
         torch.manual_seed(seed)
-        generator = torch.Generator().manual_seed(seed)
+        generator.manual_seed(seed)
+    else:
+        generator.seed()
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     loader = _loader(data, batch_size, generator)
     history: dict[str, list[float]] = {"loss": []}
-    if val_data is not None:
-        history["val_log_prob"] = []
-    bar = tqdm(range(epochs), disable=not progress, desc="fit", leave=False)
-    for _ in bar:
+    start = 0
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        state = torch.load(checkpoint, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        history, start = state["history"], state["epoch"]
+        torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["loader_rng"])
+    monitor = getattr(loss_fn, "monitor", None)
+    bar = tqdm(range(start, epochs), disable=not progress, desc="fit", leave=False)
+    for epoch in bar:
+        if hasattr(loss_fn, "set_epoch"):
+            loss_fn.set_epoch(epoch)
         total, count = 0.0, 0
         for batch in loader:
             batch = _first(batch)
             loss = loss_fn(model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
-                    f"fit: the loss is {float(loss)}; with an exact density this usually means "
+                    f"fit: the loss is {loss.item()}; with an exact density this usually means "
                     "data off the model's support (use noise_scale for noisy data)"
                 )
             optimizer.zero_grad(set_to_none=True)
@@ -103,9 +127,25 @@ def fit(
         history["loss"].append(total / max(count, 1))
         postfix = {"loss": f"{history['loss'][-1]:.4f}"}
         if val_data is not None:
-            with torch.no_grad():
-                val = float(model.flow().log_prob(val_data).mean())
-            history["val_log_prob"].append(val)
-            postfix["val"] = f"{val:.4f}"
+            if monitor is not None:
+                figures = monitor(model, val_data)
+            else:
+                with torch.no_grad():
+                    figures = {"val_log_prob": float(model.flow().log_prob(val_data).mean())}
+            for key, value in figures.items():
+                history.setdefault(key, []).append(value)
+                postfix[key] = f"{value:.4g}"
         bar.set_postfix(postfix)
+        if checkpoint is not None:
+            torch.save(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "history": history,
+                    "epoch": epoch + 1,
+                    "torch_rng": torch.get_rng_state(),
+                    "loader_rng": generator.get_state(),
+                },
+                checkpoint,
+            )
     return history

@@ -12,6 +12,7 @@ from .conditional import (
     ConditionalStiefelEmbedding,
     Hypernet,
     householder_stiefel,
+    householder_stiefel_raw,
 )
 from .conformal import (
     ConformalEmbedding,
@@ -52,6 +53,7 @@ __all__ = [
     "Hypernet",
     "ChartTable",
     "householder_stiefel",
+    "householder_stiefel_raw",
     "ConditionalShift",
     "ConditionalScale",
     "ConditionalOrthogonal",

@@ -36,6 +36,7 @@ __all__ = [
     "Hypernet",
     "ChartTable",
     "householder_stiefel",
+    "householder_stiefel_raw",
     "ConditionalShift",
     "ConditionalScale",
     "ConditionalOrthogonal",
@@ -76,14 +77,19 @@ class ChartTable(nn.Module):
     Use it as the ``hypernet`` of a conditional layer to give each of :math:`K` charts its own
     free (or fixed, ``learnable=False``) parameters instead of shared weights, e.g. known
     stereographic poles, or a circle's centre and radius per chart. The values are the raw
-    parameters of the layer (see each layer).
+    parameters of the layer (see each layer). With ``context_features`` larger than
+    :math:`K`, the context is ``[one-hot (K), anything else]`` and only its first :math:`K`
+    entries are read (so the same context can also feed shared-weight layers).
 
     Arguments:
         table: tensor of shape :math:`(K, p)`.
         learnable: whether the table is an ``nn.Parameter``.
+        context_features: total context size (default :math:`K`).
     """
 
-    def __init__(self, table: torch.Tensor, learnable: bool = True):
+    def __init__(
+        self, table: torch.Tensor, learnable: bool = True, context_features: int | None = None
+    ):
         super().__init__()
         if table.dim() != 2:
             raise ValueError(f"ChartTable: table must have shape (K, p), got {tuple(table.shape)}")
@@ -91,12 +97,17 @@ class ChartTable(nn.Module):
             self.table = nn.Parameter(table.clone())
         else:
             self.register_buffer("table", table.clone())
-        self.context_features = table.shape[0]
+        self.context_features = table.shape[0] if context_features is None else context_features
+        if self.context_features < table.shape[0]:
+            raise ValueError(
+                f"ChartTable: context_features ({self.context_features}) < number of charts "
+                f"({table.shape[0]})"
+            )
         self.out_features = table.shape[1]
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         check_features(context, self.context_features, "ChartTable", "one-hot context")
-        return context @ self.table
+        return context[..., : self.table.shape[0]] @ self.table
 
 
 def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -115,6 +126,16 @@ def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor
     tau = 2 / (1 + v.pow(2).sum(-2))
     eye = torch.eye(rows, cols, dtype=raw.dtype, device=raw.device)
     return -torch.linalg.householder_product(v + eye, tau)
+
+
+def householder_stiefel_raw(w: torch.Tensor) -> torch.Tensor:
+    r"""Raw parameters whose :func:`householder_stiefel` spans the same column space as ``w``
+    (shape :math:`(*, n, k)`, full column rank): the Householder vectors of the QR
+    factorisation of ``w`` (LAPACK ``geqrf``). The columns may come out with other signs or
+    rotated within the span; use it to initialise a chart's orientation."""
+    a, _ = torch.geqrf(w)
+    rows, cols = torch.tril_indices(w.shape[-2], w.shape[-1], offset=-1, device=w.device)
+    return a[..., rows, cols]
 
 
 def _num_reflector_params(rows: int, cols: int) -> int:
