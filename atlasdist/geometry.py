@@ -175,9 +175,13 @@ def manifold_log_volume_ratio(
         Tensor of shape :math:`(*)`.
     """
     out_projection = projection if out_projection is None else out_projection
-    with no_validation():
+    # The frames are held constant in backward: torch's SVD backward is NaN for the repeated
+    # singular values of a projection's Jacobian, and with F replaced by the Jacobian of
+    # pi_N o f (whose columns lie in the tangent space at y) the frames' first-order change
+    # does not move the determinant, so the gradient is exact.
+    with torch.no_grad(), no_validation():
         y = fn(x)
-    t_x = tangent_frame(projection, x, dim, chunk_size)
-    t_y = tangent_frame(out_projection, y, dim, chunk_size)
-    jac = jacobian(fn, x, chunk_size)
+        t_x = tangent_frame(projection, x, dim, chunk_size)
+        t_y = tangent_frame(out_projection, y, dim, chunk_size)
+    jac = jacobian(lambda v: out_projection(fn(v)), x, chunk_size)
     return torch.linalg.slogdet(t_y.mT @ jac @ t_x).logabsdet

@@ -315,7 +315,9 @@ class AtlasFlowDistribution(TorchDistribution):
         if raise_off_support:
             off = ~pairs["on_image"].any(-1)
             if bool(off.any()):
-                dist = pairs["error"].masked_fill(~pairs["region"], math.inf).min(-1).values
+                dist = (
+                    pairs["error"].detach().masked_fill(~pairs["region"], math.inf).min(-1).values
+                )
                 raise ValueError(
                     f"AtlasFlowDistribution: {int(off.sum())} points lie off the model's "
                     f"support (distance to the nearest candidate chart image up to "

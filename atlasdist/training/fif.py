@@ -199,7 +199,8 @@ def fif_loss(
     Returns:
         Scalar tensor.
 
-    Cost: see :func:`volume_change_surrogate`; about three times a plain autoencoder step.
+    Cost: see :func:`volume_change_surrogate` (the backward pass then differentiates through
+    the encoder twice).
 
     Example:
         >>> from functools import partial

@@ -32,7 +32,16 @@ from .injective import (
     InjectiveTransform,
     compose,
 )
+from .manifold import ManifoldTransform, qr_parametrized, simplex_projection, sphere_projection
 from .product import ProductEmbedding
+from .simplex import Calibration, GeneralizedCalibration, helmert_basis
+from .sphere import (
+    NormalizedAffine,
+    NormalizedLinear,
+    NormalizedTranslation,
+    sphere_tolerance,
+    unit_sphere,
+)
 
 __all__ = [
     "EventTransform",
@@ -50,6 +59,18 @@ __all__ = [
     "ConformalEmbedding",
     "householder_to",
     "ProductEmbedding",
+    "NormalizedTranslation",
+    "NormalizedLinear",
+    "NormalizedAffine",
+    "unit_sphere",
+    "sphere_tolerance",
+    "Calibration",
+    "GeneralizedCalibration",
+    "helmert_basis",
+    "ManifoldTransform",
+    "sphere_projection",
+    "simplex_projection",
+    "qr_parametrized",
     "Hypernet",
     "ChartTable",
     "householder_stiefel",

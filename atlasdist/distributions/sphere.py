@@ -1,0 +1,246 @@
+r"""Distributions on the unit sphere :math:`S^{n-1} \subset \mathbb{R}^n` built by flows.
+
+Every density here is a density w.r.t. the **surface measure** of the sphere (the
+:math:`(n-1)`-dimensional Hausdorff measure of :math:`S^{n-1}` as a subset of
+:math:`\mathbb{R}^n`; :math:`\sin\theta\, d\theta\, d\phi` on :math:`S^2`), the measure of
+Pyro's ``ProjectedNormal``. A flow :math:`f` pushes a base density to
+:math:`p(y) = p_0(x) / R_f(x)`, :math:`x = f^{-1}(y)`, with :math:`R_f` the differential volume
+ratio of :mod:`atlasdist.transforms.sphere`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions import ProjectedNormal, TorchDistribution, TransformedDistribution
+from torch import nn
+from torch.distributions import Distribution, Transform
+
+from .._checks import check_features
+from ..transforms.manifold import sphere_projection
+from ..transforms.sphere import check_on_sphere, unit_sphere
+
+__all__ = ["UniformSphere", "SphereFlowDistribution", "SphereFlow", "log_sphere_area"]
+
+
+def log_sphere_area(features: int) -> float:
+    r""":math:`\log|S^{n-1}| = \log\big(2\pi^{n/2} / \Gamma(n/2)\big)`, :math:`n` =
+    ``features`` (:math:`2\pi` for the circle, :math:`4\pi` for :math:`S^2`)."""
+    return math.log(2) + 0.5 * features * math.log(math.pi) - math.lgamma(0.5 * features)
+
+
+def _check_value(dist: Distribution, value: torch.Tensor, n: int) -> None:
+    name = type(dist).__name__
+    check_features(value, n, name, "value")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: value holds non-finite (NaN or inf) entries")
+    check_on_sphere(value, name, "value", enabled=True)
+
+
+class UniformSphere(TorchDistribution):
+    r"""Uniform distribution on :math:`S^{n-1}`: density :math:`1/|S^{n-1}| =
+    \Gamma(n/2) / (2\pi^{n/2})` w.r.t. the surface measure.
+
+    Samples are normalized standard normal vectors, shape ``sample_shape + batch_shape +
+    (n,)``. It has no parameters, so its dtype and device are given (default: torch's
+    defaults). ``rsample`` is ``sample`` (nothing to differentiate).
+
+    Arguments:
+        features: :math:`n \ge 2`.
+        batch_shape: batch shape.
+        dtype, device: of samples and log-densities.
+
+    Example:
+        >>> d = UniformSphere(3)
+        >>> d.sample((2,)).shape, d.log_prob(torch.tensor([0.0, 0.0, 1.0]))  # -log(4 pi)
+        (torch.Size([2, 3]), tensor(-2.5310))
+    """
+
+    arg_constraints: dict = {}
+    support = unit_sphere
+    has_rsample = True
+
+    def __init__(
+        self,
+        features: int,
+        batch_shape: Sequence[int] = (),
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        validate_args: bool | None = None,
+    ):
+        if int(features) < 2:
+            raise ValueError(f"UniformSphere: features must be >= 2, got {features}")
+        self.features = int(features)
+        self.dtype = dtype or torch.get_default_dtype()
+        # None follows torch's default device (torch.set_default_device), like torch.zeros.
+        self.device = torch.empty(0).device if device is None else torch.device(device)
+        super().__init__(
+            torch.Size(batch_shape), torch.Size([self.features]), validate_args=validate_args
+        )
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(UniformSphere, _instance)
+        new.features, new.dtype, new.device = self.features, self.dtype, self.device
+        super(UniformSphere, new).__init__(
+            torch.Size(batch_shape), self.event_shape, validate_args=False
+        )
+        new._validate_args = self._validate_args
+        return new
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return torch.zeros(self._extended_shape(), dtype=self.dtype, device=self.device)
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(torch.Size(sample_shape))
+        return sphere_projection(torch.randn(shape, dtype=self.dtype, device=self.device))
+
+    def log_prob(self, value):
+        if self._validate_args:
+            _check_value(self, value, self.features)
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        return value.new_full(shape, -log_sphere_area(self.features))
+
+    def entropy(self):
+        return torch.full(
+            self.batch_shape, log_sphere_area(self.features), dtype=self.dtype, device=self.device
+        )
+
+
+class SphereFlowDistribution(TransformedDistribution):
+    r"""The pushforward :math:`p(y) = p_0(x) \prod_k R_{f_k}(x_{k-1})^{-1}` of a distribution on
+    :math:`S^{n-1}` by a chain of sphere flows, :math:`y = f_K \circ \dots \circ f_1(x)`.
+
+    A density w.r.t. the surface measure of the sphere (as the base's must be: that of
+    :class:`UniformSphere` and of Pyro's ``ProjectedNormal`` is). ``log_prob`` inverts the
+    chain and subtracts the closed-form :math:`\log R_{f_k}`; ``sample``/``rsample`` run the
+    chain forward (``rsample`` needs a reparametrizable base). Shapes follow
+    ``torch.distributions``: values :math:`(*, \text{batch}, n)`, log-densities
+    :math:`(*, \text{batch})`.
+
+    **Validation.** With ``validate_args``, a value off the sphere by more than
+    :func:`~atlasdist.transforms.sphere.sphere_tolerance` raises ``ValueError`` stating the
+    distance; otherwise values are projected radially, :math:`y \mapsto y / |y|`.
+
+    Arguments:
+        base: a distribution on :math:`S^{n-1}` with event shape :math:`(n,)`.
+        transforms: sphere flows (:mod:`atlasdist.transforms.sphere`, or a
+            :class:`~atlasdist.transforms.manifold.ManifoldTransform`), first applied first.
+
+    Example:
+        >>> from atlasdist.transforms.sphere import NormalizedTranslation
+        >>> f = NormalizedTranslation(3, shift=torch.tensor([0.0, 0.0, 0.5]))
+        >>> d = SphereFlowDistribution(UniformSphere(3), [f])
+        >>> d.sample((4,)).shape
+        torch.Size([4, 3])
+
+    Cost: that of the flows (:math:`O(n^2)` per point each) plus the base.
+    """
+
+    def __init__(
+        self,
+        base: Distribution,
+        transforms: Transform | Sequence[Transform] = (),
+        validate_args: bool | None = None,
+    ):
+        if isinstance(transforms, Transform):
+            transforms = [transforms]
+        transforms = list(transforms)
+        if len(base.event_shape) != 1:
+            raise ValueError(
+                f"SphereFlowDistribution: the base must have event shape (n,), got "
+                f"{tuple(base.event_shape)}"
+            )
+        n = base.event_shape[0]
+        for i, t in enumerate(transforms):
+            features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
+            if features != (n, n):
+                raise ValueError(
+                    f"SphereFlowDistribution: transform {i} ({type(t).__name__}) maps "
+                    f"{features[0]} to {features[1]} features, the base has {n}"
+                )
+        super().__init__(base, transforms, validate_args=validate_args)
+
+    @property
+    def support(self):
+        return unit_sphere
+
+    def expand(self, batch_shape, _instance=None):
+        new = self._get_checked_instance(SphereFlowDistribution, _instance)
+        return super().expand(batch_shape, _instance=new)
+
+    def log_prob(self, value):
+        n = self.event_shape[0]
+        if self._validate_args:
+            _check_value(self, value, n)
+        y = sphere_projection(value)
+        log_prob = 0.0
+        for t in reversed(self.transforms):
+            x = t.inv(y)
+            log_prob = log_prob - t.log_abs_det_jacobian(x, y)
+            y = x
+        return log_prob + self.base_dist.log_prob(sphere_projection(y))
+
+
+class SphereFlow(nn.Module):
+    r"""Learnable flow on :math:`S^{n-1}`: an ``nn.Module`` whose ``forward()`` returns a
+    :class:`SphereFlowDistribution` (density w.r.t. the surface measure).
+
+    Parameters live in the module, so ``.to(device)``, ``state_dict``, optimizers and
+    ``pyro.module`` work; the distribution is rebuilt (cheaply) on every call, on the module's
+    device and dtype.
+
+    Arguments:
+        features: :math:`n`.
+        transforms: sphere flows (``nn.Module`` transforms are registered), first applied first.
+        base: ``"uniform"`` (:class:`UniformSphere`) or ``"projected_normal"`` (Pyro's
+            ``ProjectedNormal`` with a learnable concentration vector, zero, i.e. uniform, at
+            initialization; its ``log_prob`` exists for :math:`n \le 4` only).
+
+    Example:
+        >>> from atlasdist.transforms.sphere import NormalizedAffine, NormalizedTranslation
+        >>> flow = SphereFlow(3, [NormalizedAffine(3), NormalizedTranslation(3)])
+        >>> x = flow().sample((64,))
+        >>> loss = -flow().log_prob(x).mean()
+        >>> loss.backward()
+    """
+
+    def __init__(self, features: int, transforms: Sequence[Transform] = (), base: str = "uniform"):
+        super().__init__()
+        self.features = int(features)
+        self.transforms = list(transforms)
+        self.transform_modules = nn.ModuleList(
+            [t for t in self.transforms if isinstance(t, nn.Module)]
+        )
+        if base == "uniform":
+            self.concentration = None
+            # Carries the module's dtype and device to the parameter-free base.
+            self.register_buffer("_anchor", torch.zeros(()))
+        elif base == "projected_normal":
+            if self.features not in ProjectedNormal._log_prob_impls:
+                raise ValueError(
+                    f"SphereFlow: Pyro's ProjectedNormal has log_prob for n in "
+                    f"{sorted(ProjectedNormal._log_prob_impls)}, got n = {self.features}; use "
+                    "base='uniform'"
+                )
+            self.concentration = nn.Parameter(torch.zeros(self.features))
+        else:
+            raise ValueError(
+                f"SphereFlow: base must be 'uniform' or 'projected_normal', got {base!r}"
+            )
+        self.base = base
+
+    def forward(self) -> SphereFlowDistribution:
+        if self.concentration is None:
+            base = UniformSphere(
+                self.features, dtype=self._anchor.dtype, device=self._anchor.device
+            )
+        else:
+            base = ProjectedNormal(self.concentration)
+        return SphereFlowDistribution(base, self.transforms)
+
+    def extra_repr(self) -> str:
+        return f"features={self.features}, base={self.base!r}"
