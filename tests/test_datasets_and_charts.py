@@ -117,3 +117,18 @@ def test_demo_runs(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert out.exists() and out.stat().st_size > 10000
     assert "integral of p over S^2" in printed and "held-out log-likelihood" in printed
+
+
+def test_sphere_comparison_example_runs(tmp_path):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "sphere_atlas_vs_flows.py"
+    spec = importlib.util.spec_from_file_location("sphere_atlas_vs_flows", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--quick", "--out", str(tmp_path / "cmp")])
+    assert len(rows) == 2 and (tmp_path / "cmp.png").exists()
+    # each row's normalization check is 1 to quadrature accuracy
+    for row in rows:
+        assert abs(float(row.split("|")[3]) - 1) < 1e-3

@@ -195,3 +195,8 @@ class SimplexFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, measure={self.measure!r}"
+
+    def flow(self) -> SimplexFlowDistribution:
+        """The distribution with the current parameters (same as calling the module; the
+        name the other lazy modules use, e.g. for :func:`atlasdist.training.fit`)."""
+        return self()

@@ -244,3 +244,8 @@ class SphereFlow(nn.Module):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, base={self.base!r}"
+
+    def flow(self) -> SphereFlowDistribution:
+        """The distribution with the current parameters (same as calling the module; the
+        name the other lazy modules use, e.g. for :func:`atlasdist.training.fit`)."""
+        return self()
