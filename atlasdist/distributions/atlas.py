@@ -11,12 +11,12 @@ import math
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import TorchDistribution
 from pyro.distributions.conditional import ConditionalTransform
-from torch.distributions import Categorical, Transform, constraints
+from torch.distributions import Categorical, Transform
 
 from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import batched_jacobian
+from .embedded import EmbeddedDistribution
 
 __all__ = ["AtlasFlowDistribution"]
 
@@ -28,24 +28,7 @@ def condition(part, context: torch.Tensor):
     return part.condition(context) if isinstance(part, ConditionalTransform) else part
 
 
-class _OnAtlas(constraints.Constraint):
-    """Points on the union of the chart images (reconstruction within the atlas's tolerance)."""
-
-    is_discrete = False
-    event_dim = 1
-
-    def __init__(self, dist: AtlasFlowDistribution):
-        self.dist = dist
-        super().__init__()
-
-    def check(self, value):
-        return self.dist.distance_to_support(value) <= self.dist._tolerance(value)
-
-    def __repr__(self):
-        return f"OnAtlas(charts={self.dist.num_charts})"
-
-
-class AtlasFlowDistribution(TorchDistribution):
+class AtlasFlowDistribution(EmbeddedDistribution):
     r"""Mixture of injective flows over an atlas of :math:`K` charts,
     :math:`P = \sum_k \pi_k (g_k)_\# q`, with the exact density
 
@@ -184,35 +167,12 @@ class AtlasFlowDistribution(TorchDistribution):
         r""":math:`\log \pi_k`, shape :math:`(K,)`."""
         return self.logits.log_softmax(-1)
 
-    @constraints.dependent_property(is_discrete=False, event_dim=1)
-    def support(self):
-        if self.noise_scale is not None:
-            return constraints.real_vector
-        return _OnAtlas(self)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(AtlasFlowDistribution, _instance)
-        new.__dict__.update(self.__dict__)
-        super(AtlasFlowDistribution, new).__init__(
-            batch_shape=torch.Size(batch_shape),
-            event_shape=self.event_shape,
-            validate_args=False,
-        )
-        new._validate_args = self._validate_args
-        return new
-
     def chart_maps(self, charts: torch.Tensor):
         r"""The latent flow :math:`h` and embedding :math:`c` of the given charts, conditioned
         row-wise: ``charts`` of shape :math:`(N,)` gives transforms acting on :math:`(N, \cdot)`.
         """
         ctx = self.context[charts]
         return [condition(part, ctx) for part in self.flows], condition(self.embedding, ctx)
-
-    def _tolerance(self, x: torch.Tensor) -> torch.Tensor:
-        atol = self.atol
-        if atol is None:
-            atol = 1e-8 if x.dtype == torch.float64 else 1e-4
-        return atol * (1 + x.norm(dim=-1))
 
     # -- sampling ------------------------------------------------------------------------
 

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 
 import torch
-from pyro.distributions import TorchDistribution
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal, constraints
+from torch.distributions import Distribution, Independent, Normal
 
 from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import jacobian
 from ..transforms.injective import InjectiveTransform
+from .embedded import EmbeddedDistribution
 
 __all__ = [
     "FreeFormInjectiveFlow",
@@ -84,24 +84,7 @@ def _module_dtype(*modules) -> torch.dtype | None:
     return None
 
 
-class _OnImage(constraints.Constraint):
-    """Points on the decoder image: reconstruction error within the distribution's tolerance."""
-
-    is_discrete = False
-    event_dim = 1
-
-    def __init__(self, dist: FreeFormInjectiveDistribution):
-        self.dist = dist
-        super().__init__()
-
-    def check(self, value):
-        return self.dist.distance_to_support(value) <= self.dist._tolerance(value)
-
-    def __repr__(self):
-        return "OnDecoderImage()"
-
-
-class FreeFormInjectiveDistribution(TorchDistribution):
+class FreeFormInjectiveDistribution(EmbeddedDistribution):
     r"""The pushforward :math:`P = g_\# q` of a base :math:`q` on :math:`\mathbb{R}^d` by a
     free-form decoder, with the exact log-density
 
@@ -195,29 +178,6 @@ class FreeFormInjectiveDistribution(TorchDistribution):
             event_shape=torch.Size([self.ambient_dim]),
             validate_args=validate_args,
         )
-
-    @constraints.dependent_property(is_discrete=False, event_dim=1)
-    def support(self):
-        if self.noise_scale is not None:
-            return constraints.real_vector
-        return _OnImage(self)
-
-    def expand(self, batch_shape, _instance=None):
-        new = self._get_checked_instance(FreeFormInjectiveDistribution, _instance)
-        new.__dict__.update(self.__dict__)
-        super(FreeFormInjectiveDistribution, new).__init__(
-            batch_shape=torch.Size(batch_shape),
-            event_shape=self.event_shape,
-            validate_args=False,
-        )
-        new._validate_args = self._validate_args
-        return new
-
-    def _tolerance(self, x: torch.Tensor) -> torch.Tensor:
-        atol = self.atol
-        if atol is None:
-            atol = 1e-8 if x.dtype == torch.float64 else 1e-4
-        return atol * (1 + x.norm(dim=-1))
 
     # -- maps ------------------------------------------------------------------------------
 
