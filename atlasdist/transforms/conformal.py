@@ -89,6 +89,36 @@ def _orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
     )
 
 
+class _LinearIsometry(ConformalTransform):
+    """Shared by the linear isometries x -> W x (W^T W = I, lambda = 1): a learnable W through
+    torch's orthogonal parametrization, or a given (batched) W."""
+
+    def _init_weight(self, weight: torch.Tensor | None) -> None:
+        if weight is None:
+            self.linear = _orthogonal_linear(self.in_features, self.out_features)
+            self._weight = None
+            return
+        if weight.shape[-2:] != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{type(self).__name__}: weight must have shape (*, {self.out_features}, "
+                f"{self.in_features}), got {tuple(weight.shape)}"
+            )
+        store(self, "_weight", weight)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight if self._weight is None else self._weight
+
+    def _call(self, x):
+        return matvec(self.weight, x)
+
+    def _inverse(self, y):
+        return rmatvec(self.weight, y)
+
+    def log_conformal_factor(self, x, y):
+        return x.new_zeros(x.shape[:-1])
+
+
 class ZeroPad(InjectiveTransform, ConformalTransform):
     r"""Zero padding :math:`u \mapsto (u, 0) \in \mathbb{R}^D`, :math:`\lambda = 1`.
 
@@ -110,7 +140,7 @@ class ZeroPad(InjectiveTransform, ConformalTransform):
         return x.new_zeros(x.shape[:-1])
 
 
-class StiefelEmbedding(InjectiveTransform, ConformalTransform):
+class StiefelEmbedding(_LinearIsometry, InjectiveTransform):
     r"""Linear isometric embedding :math:`u \mapsto W u`, :math:`W \in \mathbb{R}^{D\times d}`,
     :math:`W^\top W = I_d`, :math:`\lambda = 1`.
 
@@ -133,32 +163,10 @@ class StiefelEmbedding(InjectiveTransform, ConformalTransform):
 
     def __init__(self, in_features: int, out_features: int, weight: torch.Tensor | None = None):
         super().__init__(in_features, out_features)
-        if weight is None:
-            self.linear = _orthogonal_linear(in_features, out_features)
-            self._weight = None
-        else:
-            if weight.shape[-2:] != (out_features, in_features):
-                raise ValueError(
-                    f"StiefelEmbedding: weight must have shape (*, {out_features}, "
-                    f"{in_features}), got {tuple(weight.shape)}"
-                )
-            store(self, "_weight", weight)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight if self._weight is None else self._weight
-
-    def _call(self, x):
-        return matvec(self.weight, x)
-
-    def _inverse(self, y):
-        return rmatvec(self.weight, y)
-
-    def log_conformal_factor(self, x, y):
-        return x.new_zeros(x.shape[:-1])
+        self._init_weight(weight)
 
 
-class Orthogonal(_Bijective, ConformalTransform):
+class Orthogonal(_LinearIsometry, _Bijective):
     r"""Orthogonal map :math:`x \mapsto Q x` of :math:`\mathbb{R}^D`, :math:`Q^\top Q = I`,
     :math:`\lambda = 1`; inverse :math:`Q^\top y`.
 
@@ -168,29 +176,7 @@ class Orthogonal(_Bijective, ConformalTransform):
 
     def __init__(self, features: int, weight: torch.Tensor | None = None):
         super().__init__(features)
-        if weight is None:
-            self.linear = _orthogonal_linear(features, features)
-            self._weight = None
-        else:
-            if weight.shape[-2:] != (features, features):
-                raise ValueError(
-                    f"Orthogonal: weight must have shape (*, {features}, {features}), "
-                    f"got {tuple(weight.shape)}"
-                )
-            store(self, "_weight", weight)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight if self._weight is None else self._weight
-
-    def _call(self, x):
-        return matvec(self.weight, x)
-
-    def _inverse(self, y):
-        return rmatvec(self.weight, y)
-
-    def log_conformal_factor(self, x, y):
-        return x.new_zeros(x.shape[:-1])
+        self._init_weight(weight)
 
 
 class Scale(_Bijective, ConformalTransform):
