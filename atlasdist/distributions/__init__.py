@@ -7,6 +7,12 @@ from .free_form import (
     FreeFormInjectiveFlow,
     decoder_log_volume,
 )
+from .manifold_prior import (
+    ManifoldPrior,
+    ManifoldPriorFlow,
+    largest_gap_dimension,
+    spread_negative_log_likelihood,
+)
 from .simplex import SimplexFlow, SimplexFlowDistribution, simplex_hausdorff_log_factor
 from .sphere import SphereFlow, SphereFlowDistribution, UniformSphere, log_sphere_area
 
@@ -16,6 +22,10 @@ __all__ = [
     "FreeFormInjectiveDistribution",
     "FreeFormEmbedding",
     "decoder_log_volume",
+    "ManifoldPrior",
+    "ManifoldPriorFlow",
+    "largest_gap_dimension",
+    "spread_negative_log_likelihood",
     "UniformSphere",
     "SphereFlowDistribution",
     "SphereFlow",

@@ -45,7 +45,8 @@ def largest_gap_dimension(scales: torch.Tensor, min_ratio: float = 2.5) -> torch
     is scale free (multiplying all scales by :math:`c > 0` changes nothing) and needs no
     noise level; ``min_ratio`` is the smallest gap taken as a collapse: without one, a
     full-dimensional spectrum (all ratios near 1) would still be cut at its widest ratio.
-    Ties go to the smallest :math:`k`. Zero scales count as :math:`10^{-30}`.
+    Ties (gaps equal up to a few roundings of the input's dtype) go to the smallest
+    :math:`k`. Zero scales count as :math:`10^{-30}`.
 
     Arguments:
         scales: non-negative scales of shape :math:`(*, D)`, in any order.
@@ -74,10 +75,14 @@ def largest_gap_dimension(scales: torch.Tensor, min_ratio: float = 2.5) -> torch
     D = scales.shape[-1]
     if D == 1:
         return torch.ones(scales.shape[:-1], dtype=torch.long, device=scales.device)
+    # gaps within a few roundings of the input's precision are ties
+    tol = 8 * torch.finfo(scales.dtype if scales.is_floating_point() else torch.float32).eps
     logs = scales.double().clamp_min(1e-30).log().sort(-1, descending=True).values
     gaps = logs[..., :-1] - logs[..., 1:]
-    best, k = gaps.max(-1)  # first maximum: ties go to the smallest k
-    return torch.where(best >= math.log(min_ratio), k + 1, torch.full_like(k, D))
+    best = gaps.max(-1, keepdim=True).values
+    k = (gaps >= best - tol).to(torch.int8).argmax(-1)  # the first of the widest gaps
+    best = best.squeeze(-1)
+    return torch.where(best >= math.log(min_ratio) - tol, k + 1, torch.full_like(k, D))
 
 
 class _Orthogonal(Transform):
@@ -242,22 +247,27 @@ class ManifoldPriorFlow(nn.Module):
 
     .. math::
 
-        f_k(x) = c_L \circ \dots \circ c_1\big(F_k^\top (\tfrac{x - \mu}{\rho} - m_k)\big),
+        f_k(x) = c_L \circ \dots \circ c_1\big(R_k^\top F_k^\top
+        (\tfrac{x - \mu}{\rho} - m_k)\big),
 
-    a fixed normalisation (centre :math:`\mu`, scale :math:`\rho`), a fixed orthonormal frame
-    :math:`F_k` centred at :math:`m_k` (the principal axes of the chart's data, major first),
-    then Pyro affine couplings :math:`c_j` shared by all charts and conditioned on the one-hot
-    chart index. Coupling :math:`j` moves the coordinates after its split :math:`k_j` by a
-    function of those before: with the axes sorted by variance and a split at every index
-    (:math:`D \le 8`), for every :math:`d` some layer can subtract from the :math:`D-d` minor
-    coordinates a function of the :math:`d` major ones, the shear that flattens a manifold
-    that is a graph over its tangent plane.
+    a fixed normalisation (centre :math:`\mu`, scale :math:`\rho`), an orthonormal frame
+    :math:`F_k R_k` centred at :math:`m_k` (:math:`F_k` fixed, the principal axes of the
+    chart's data, major first; :math:`R_k = \exp(A_k - A_k^\top)` learned, starting at
+    :math:`I`), then Pyro affine couplings :math:`c_j` shared by all charts and conditioned on
+    the one-hot chart index; the prior :math:`q_k = \mathcal{N}(0, S_k^2 + \sigma^2 I)` is
+    diagonal in this frame. Coupling :math:`j` moves the coordinates after its split
+    :math:`k_j` by a function of those before: with the axes sorted by variance and a split
+    at every index (:math:`D \le 8`), for every :math:`d` some layer can subtract from the
+    :math:`D-d` minor coordinates a function of the :math:`d` major ones, the shear that
+    flattens a manifold that is a graph over its tangent plane.
 
-    The couplings are additive (volume preserving, :math:`\log|\det J_f| = -D \log\rho`) by
-    default: a flow that could rescale would absorb the prior's scales and the spectrum would
-    say nothing (:math:`q(f(x))|\det J_f|` is unchanged when :math:`f` is scaled by
-    :math:`c` and :math:`s` by :math:`c`). ``coupling="affine"`` (non volume preserving) is
-    there for comparison.
+    The couplings are additive by default, all with the same orientation: their composition is
+    triangular with unit diagonal, volume preserving (:math:`\log|\det J_f| = -D \log\rho`)
+    and unable to rescale any axis, and :math:`R_k` is an isometry. This is what makes the
+    spectrum mean something: a flow that can rescale absorbs the prior's scales
+    (:math:`q(f(x))|\det J_f|` is unchanged when :math:`f` is followed by a scaling :math:`C`
+    and the scales are multiplied by :math:`C`), so maximum likelihood says nothing about
+    them. ``coupling="affine"`` (non volume preserving) is there for comparison.
 
     **Why charts.** A diffeomorphism of :math:`\mathbb{R}^D` cannot flatten a closed manifold
     (circle, sphere, torus) into a :math:`d`-plane: its image still bounds a region, so one
@@ -277,7 +287,7 @@ class ManifoldPriorFlow(nn.Module):
             else 8 spread over :math:`1..D-1`), repeated ``blocks`` times.
         blocks: repetitions of the split list.
         coupling: ``"additive"`` or ``"affine"``.
-        rotation: learn the prior's rotation :math:`R` (per chart).
+        rotation: learn the frame rotations :math:`R_k` (else :math:`R_k = I`).
         centre, scale: :math:`\mu` (shape :math:`(D,)`) and :math:`\rho > 0`.
         chart_centres: :math:`m_k`, shape :math:`(K, D)`, normalised units.
         frames: :math:`F_k`, orthogonal, shape :math:`(K, D, D)`.
