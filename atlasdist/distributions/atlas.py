@@ -16,7 +16,7 @@ from torch.distributions import Categorical, Transform
 
 from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import batched_jacobian
-from .embedded import EmbeddedDistribution
+from .embedded import EmbeddedDistribution, latent_dim_of
 
 __all__ = ["AtlasFlowDistribution"]
 
@@ -118,12 +118,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         batch_shape: torch.Size = _EMPTY,
         validate_args: bool | None = None,
     ):
-        d = base.event_shape[0] if len(base.event_shape) == 1 else None
-        if d is None or base.batch_shape != ():
-            raise ValueError(
-                f"base must have event shape (d,) and batch shape (), got event "
-                f"{tuple(base.event_shape)}, batch {tuple(base.batch_shape)}"
-            )
+        d = latent_dim_of(base)
         if centres.dim() != 2:
             raise ValueError(f"centres must have shape (K, c), got {tuple(centres.shape)}")
         num_charts = centres.shape[0]

@@ -11,6 +11,17 @@ from torch.distributions import constraints
 __all__ = ["EmbeddedDistribution"]
 
 
+def latent_dim_of(base) -> int:
+    """The latent dimension d of a base distribution with event shape (d,) and batch shape ()
+    (ValueError otherwise)."""
+    if len(base.event_shape) != 1 or base.batch_shape != ():
+        raise ValueError(
+            f"base must have event shape (d,) and batch shape (), got event "
+            f"{tuple(base.event_shape)}, batch {tuple(base.batch_shape)}"
+        )
+    return base.event_shape[0]
+
+
 class _OnSupport(constraints.Constraint):
     """Points whose distance to the distribution's support is within its tolerance."""
 

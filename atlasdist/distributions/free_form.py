@@ -25,7 +25,7 @@ from torch.distributions import Distribution, Independent, Normal
 from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import jacobian
 from ..transforms.injective import InjectiveTransform
-from .embedded import EmbeddedDistribution
+from .embedded import EmbeddedDistribution, latent_dim_of
 
 __all__ = [
     "FreeFormInjectiveFlow",
@@ -155,12 +155,7 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
         batch_shape: torch.Size = _EMPTY,
         validate_args: bool | None = None,
     ):
-        d = base.event_shape[0] if len(base.event_shape) == 1 else None
-        if d is None or base.batch_shape != ():
-            raise ValueError(
-                f"base must have event shape (d,) and batch shape (), got event "
-                f"{tuple(base.event_shape)}, batch {tuple(base.batch_shape)}"
-            )
+        d = latent_dim_of(base)
         if not int(features) > d:
             raise ValueError(
                 f"an injective flow needs features D > latent dimension d, got D={features}, d={d}"

@@ -36,6 +36,7 @@ from torch.distributions import Distribution, Transform, constraints
 
 from .._checks import check_features
 from ..transforms.simplex import check_on_simplex
+from .sphere import check_chain
 
 __all__ = ["SimplexFlowDistribution", "SimplexFlow", "simplex_hausdorff_log_factor"]
 
@@ -93,24 +94,10 @@ class SimplexFlowDistribution(TransformedDistribution):
         measure: str = "hausdorff",
         validate_args: bool | None = None,
     ):
-        if isinstance(transforms, Transform):
-            transforms = [transforms]
-        transforms = list(transforms)
         if measure not in MEASURES:
             raise ValueError(f"SimplexFlowDistribution: measure must be one of {MEASURES}")
-        if len(base.event_shape) != 1 or base.event_shape[0] < 2:
-            raise ValueError(
-                f"SimplexFlowDistribution: the base must have event shape (n,), n >= 2, got "
-                f"{tuple(base.event_shape)}"
-            )
+        transforms = check_chain("SimplexFlowDistribution", base, transforms, min_features=2)
         n = base.event_shape[0]
-        for i, t in enumerate(transforms):
-            features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
-            if features != (n, n):
-                raise ValueError(
-                    f"SimplexFlowDistribution: transform {i} ({type(t).__name__}) maps "
-                    f"{features[0]} to {features[1]} features, the base has {n}"
-                )
         base_measure = getattr(base, "measure", "lebesgue")
         self.measure = measure
         # log(d base measure / d target measure): 1/2 log n from Lebesgue to Hausdorff.

@@ -39,6 +39,28 @@ def _check_value(dist: Distribution, value: torch.Tensor, n: int) -> None:
     check_on_sphere(value, name, "value", enabled=True)
 
 
+def check_chain(name: str, base, transforms, min_features: int) -> list:
+    """The transforms as a list, each mapping the base's n features to n (ValueError
+    otherwise); shared by the sphere and simplex flow distributions."""
+    if isinstance(transforms, Transform):
+        transforms = [transforms]
+    transforms = list(transforms)
+    if len(base.event_shape) != 1 or base.event_shape[0] < min_features:
+        raise ValueError(
+            f"{name}: the base must have event shape (n,), n >= {min_features}, got "
+            f"{tuple(base.event_shape)}"
+        )
+    n = base.event_shape[0]
+    for i, t in enumerate(transforms):
+        features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
+        if features != (n, n):
+            raise ValueError(
+                f"{name}: transform {i} ({type(t).__name__}) maps "
+                f"{features[0]} to {features[1]} features, the base has {n}"
+            )
+    return transforms
+
+
 class UniformSphere(TorchDistribution):
     r"""Uniform distribution on :math:`S^{n-1}`: density :math:`1/|S^{n-1}| =
     \Gamma(n/2) / (2\pi^{n/2})` w.r.t. the surface measure.
@@ -146,22 +168,7 @@ class SphereFlowDistribution(TransformedDistribution):
         transforms: Transform | Sequence[Transform] = (),
         validate_args: bool | None = None,
     ):
-        if isinstance(transforms, Transform):
-            transforms = [transforms]
-        transforms = list(transforms)
-        if len(base.event_shape) != 1:
-            raise ValueError(
-                f"SphereFlowDistribution: the base must have event shape (n,), got "
-                f"{tuple(base.event_shape)}"
-            )
-        n = base.event_shape[0]
-        for i, t in enumerate(transforms):
-            features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
-            if features != (n, n):
-                raise ValueError(
-                    f"SphereFlowDistribution: transform {i} ({type(t).__name__}) maps "
-                    f"{features[0]} to {features[1]} features, the base has {n}"
-                )
+        transforms = check_chain("SphereFlowDistribution", base, transforms, min_features=1)
         super().__init__(base, transforms, validate_args=validate_args)
 
     @property
