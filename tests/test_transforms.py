@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from atlasdist.geometry import jacobian, log_volume_ratio
-from atlasdist.transforms import ConformalTransform
+from atlasdist.transforms import ConformalTransform, Mobius
 
 names = st.sampled_from(sorted(CASES))
 dims = st.integers(1, 4)
@@ -84,6 +84,49 @@ def test_gradients_are_finite(name, d, extra, seed):
     params = [p for p in getattr(f, "parameters", lambda: [])() if p.grad is not None]
     for p in params:
         assert torch.isfinite(p.grad).all()
+
+
+@given(
+    seed=seeds,
+    D=st.integers(1, 4),
+    log_size=st.floats(-1.0, 1.0),
+    log_gap=st.floats(-3.0, -1.0),
+)
+def test_mobius_is_accurate_in_float32_near_its_pole(seed, D, log_size, log_gap):
+    """sigma_b(x) = | |b| x - b/|b| |^2 is of size gap^2 at relative distance gap from the pole
+    b/|b|^2; its expanded form 1 - 2 b.x + |b|^2|x|^2 cancels to zero in float32 there (a
+    learned chart then returned NaN for data beside its pole). The float32 map must match
+    float64 to relative round-off over its own inputs."""
+    gen = torch.Generator().manual_seed(seed)
+    b = torch.randn(D, generator=gen, dtype=torch.float64)
+    b = b / b.norm() * 10**log_size
+    v = torch.randn(16, D, generator=gen, dtype=torch.float64)
+    v = v / v.norm(dim=-1, keepdim=True)
+    pole = b / b.pow(2).sum()
+    x32 = (pole * (1 + 10**log_gap * v)).float()  # relative distance 10**log_gap
+    b32 = b.float()
+    x, bb = x32.double(), b32.double()  # float64 reference on the same (rounded) inputs
+    sigma = (bb.norm() * x - bb / bb.norm()).pow(2).sum(-1)
+    # round-off in b.x and in x_perp is about 1e-7 |b||x| = 1e-7; sigma ~ gap^2
+    rel = (Mobius._sigma(b32, x32).double() - sigma).abs() / sigma
+    assert rel.max() < 20 * 1.2e-7 / 10**log_gap
+    f32, f64 = Mobius(D, raw=b32), Mobius(D, raw=bb)
+    y32, y64 = f32(x32).double(), f64(x)
+    assert ((y32 - y64).norm(dim=-1) / y64.norm(dim=-1)).max() < 20 * 1.2e-7 / 10**log_gap
+    # both branches of the stable form are the same function: float64 against the expansion
+    far = torch.randn(16, D, generator=gen, dtype=torch.float64)
+    for pts in (x, far):
+        expanded = 1 - 2 * (bb * pts).sum(-1) + bb.pow(2).sum() * pts.pow(2).sum(-1)
+        torch.testing.assert_close(Mobius._sigma(bb, pts), expanded, atol=1e-12, rtol=1e-6)
+
+
+def test_mobius_gradient_at_the_identity():
+    """b = 0 (the identity, the learned charts' initial bend): d/db log lambda = 2x."""
+    f = Mobius(3)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    f.double()
+    f.log_conformal_factor(x, f(x)).sum().backward()
+    torch.testing.assert_close(f.raw.grad, 2 * x.sum(0))
 
 
 @pytest.mark.cuda

@@ -250,7 +250,7 @@ class Mobius(_Bijective, ConformalTransform):
     :math:`b` is parametrized so that :math:`|b| < 1/R` for any raw value
     (:math:`b = R^{-1} r / \sqrt{1 + |r|^2}`); then :math:`\sigma_b(x) \ge (1 - |b||x|)^2 > 0` on
     the ball. Without a radius the domain is everything but the pole :math:`b/|b|^2`. Under
-    validation, inputs outside the domain (or with :math:`\sigma` at round-off level) raise
+    validation, inputs outside the domain (or closer to the pole than the dtype resolves) raise
     ``ValueError``.
 
     Arguments:
@@ -283,7 +283,20 @@ class Mobius(_Bijective, ConformalTransform):
 
     @staticmethod
     def _sigma(b, x):
-        return 1 - 2 * (b * x).sum(-1) + b.pow(2).sum(-1) * x.pow(2).sum(-1)
+        # The expanded form 1 - 2 b.x + |b|^2 |x|^2 cancels catastrophically near the pole
+        # (three terms of size 1, a result of size |x - pole|^2): in float32 a point 1e-4 from
+        # the pole gets sigma = 0. There (|b||x| >= 1/2) use the equal sum of squares
+        # (1 - b.x)^2 + |b|^2 |x_perp|^2, x_perp the part of x orthogonal to b, accurate to
+        # relative round-off; elsewhere sigma >= 1/4 and the expanded form is accurate. The
+        # masked denominator keeps gradients finite at b = 0.
+        bx = (b * x).sum(-1)
+        b2 = b.pow(2).sum(-1)
+        b2x2 = b2 * x.pow(2).sum(-1)
+        near = b2x2 >= 0.25
+        safe_b2 = torch.where(near, b2, torch.ones_like(b2))
+        perp = x - (bx / safe_b2).unsqueeze(-1) * b
+        stable = (1 - bx).pow(2) + b2 * perp.pow(2).sum(-1)
+        return torch.where(near, stable, 1 - 2 * bx + b2x2)
 
     @staticmethod
     def _sct(b, x):
@@ -301,7 +314,9 @@ class Mobius(_Bijective, ConformalTransform):
                 )
         sigma = self._sigma(b, x)
         scale = 1 + b.pow(2).sum(-1) * x.pow(2).sum(-1)
-        bad = sigma <= 64 * torch.finfo(x.dtype).eps * scale
+        # sigma is accurate to relative round-off ~ eps / sqrt(sigma): below (64 eps)^2 the
+        # point is at the pole to working precision.
+        bad = sigma <= (64 * torch.finfo(x.dtype).eps) ** 2 * scale
         if bool(bad.any()):
             raise ValueError(
                 f"Mobius: {int(bad.sum())} {what} points lie at the pole of the map "
