@@ -14,6 +14,7 @@ import torch
 
 __all__ = [
     "two_circles",
+    "two_circles_log_prob",
     "two_circles_entropy",
     "sphere",
     "torus",
@@ -74,6 +75,28 @@ def two_circles(
     idx = (~first).long()
     x = centres[idx] + radii[idx, None] * torch.stack([theta.cos(), theta.sin()], -1)
     return _finish(x, noise, gen, dtype)
+
+
+def two_circles_log_prob(
+    x: torch.Tensor,
+    centres=((-1.5, 0.0), (1.5, 0.0)),
+    radii=(1.0, 0.5),
+    concentration: float = 1.0,
+) -> torch.Tensor:
+    r"""The true log density of :func:`two_circles` (w.r.t. arc length) at points ``x``
+    :math:`(N, 2)`, each taken at its angle on the nearer circle:
+    :math:`\log \tfrac12 + \log \mathrm{vM}(\theta - \mu_i; \kappa) - \log r_i`."""
+    from scipy.special import i0e
+
+    centres = torch.tensor(centres, dtype=x.dtype, device=x.device)
+    radii = torch.tensor(radii, dtype=x.dtype, device=x.device)
+    gap = ((x[:, None] - centres).norm(dim=-1) - radii).abs()
+    i = gap.argmin(-1)
+    rel = x - centres[i]
+    theta = torch.atan2(rel[:, 1], rel[:, 0]) - torch.where(i == 1, math.pi / 2, 0.0)
+    k = concentration
+    log_vm = k * (theta.cos() - 1) - math.log(2 * math.pi * i0e(k))
+    return math.log(0.5) + log_vm - radii[i].log()
 
 
 def two_circles_entropy(radii=(1.0, 0.5), concentration: float = 1.0) -> float:

@@ -241,15 +241,24 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         # that chart's image: the atlas decides membership itself, so layer checks are off.
         with no_validation():
             u = emb.inv(xs)
+            # A point at the pole of a chart's left inverse has no chart coordinates: its pair
+            # is evaluated at a harmless stand-in (the chart's image of z = 0) and then marked
+            # "not on this chart" (error inf, density 0), so no NaN reaches values or gradients.
+            defined = torch.isfinite(u).all(-1)
+            if not bool(defined.all()):
+                anchor = emb(torch.zeros_like(u)).detach()
+                u = emb.inv(torch.where(defined.unsqueeze(-1), xs, anchor))
             recon, ladj_embedding = emb.call_and_ladj(u)
             z, log_latent = self._latent_log_prob(u, flows)
-            log_chart = log_latent - ladj_embedding
-        error = (recon - xs).norm(dim=-1)
+            log_chart = (log_latent - ladj_embedding).masked_fill(~defined, -math.inf)
+        error = (recon - xs).norm(dim=-1).masked_fill(~defined, math.inf)
         return {
             "charts": charts,
             "region": region,
-            "z": z.reshape(n, c, self.latent_dim),
-            "recon": recon.reshape(n, c, self.ambient_dim),
+            "z": z.masked_fill(~defined.unsqueeze(-1), math.nan).reshape(n, c, self.latent_dim),
+            "recon": recon.masked_fill(~defined.unsqueeze(-1), math.nan).reshape(
+                n, c, self.ambient_dim
+            ),
             "error": error.reshape(n, c),
             "log_joint": (self.mixture_log_weights[charts] + log_chart.reshape(n, c)),
             "on_image": region
@@ -302,7 +311,9 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         ``charts``, ``region`` (in :math:`U_k`), ``z`` (:math:`f_k(x)`), ``recon``
         (:math:`g_k(f_k(x))`), ``error`` (:math:`|x - g_k(f_k(x))|`), ``log_joint``
         (:math:`\log\pi_k + \log p_k(g_k(f_k(x)))`) and ``on_image``; shapes
-        :math:`(*, C, \dots)`.
+        :math:`(*, C, \dots)`. A point at the pole of a chart's left inverse (e.g. a Möbius
+        pole) has no coordinates in that chart: ``z`` and ``recon`` are NaN, ``error`` is
+        :math:`\infty` and ``log_joint`` :math:`-\infty` there.
 
         These are training and diagnostic quantities: summed over charts that do not contain
         :math:`x` they count mass several times, so their log-sum-exp is *not* a normalized

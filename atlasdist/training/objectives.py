@@ -67,7 +67,8 @@ class AtlasObjective:
         log_joint = terms["log_joint"].masked_fill(~terms["region"], -math.inf)
         log_mix = log_joint.logsumexp(-1)
         posterior = (log_joint - log_mix.unsqueeze(-1)).exp().detach()
-        error = terms["error"].masked_fill(~terms["region"], 0.0)
+        # Pairs outside the region, or at a chart's pole (error inf, posterior 0), add nothing.
+        error = terms["error"].masked_fill(~terms["region"] | terms["error"].isinf(), 0.0)
         return {"log_mix": log_mix, "reconstruction": (posterior * error.pow(2)).sum(-1)}
 
     def __call__(self, model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
