@@ -117,12 +117,16 @@ def sphere(
     dim: int = 2,
     clusters: int = 3,
     spread: float = 0.5,
+    centres_seed: int = 0,
 ) -> torch.Tensor:
     r"""The unit sphere :math:`S^{dim} \subset \mathbb{R}^{dim+1}` with a mixture of
-    ``clusters`` projected-normal clusters (directions :math:`(\mu_j + s\,\epsilon)/|\cdot|`)."""
-    gen = _gen(seed)
-    means = torch.randn(clusters, dim + 1, generator=gen, dtype=torch.float64)
+    ``clusters`` projected-normal clusters (directions :math:`(\mu_j + s\,\epsilon)/|\cdot|`).
+
+    The cluster directions :math:`\mu_j` are fixed by ``centres_seed``, not by ``seed``: draws
+    with different seeds (a training and a held-out set) come from the same distribution."""
+    means = torch.randn(clusters, dim + 1, generator=_gen(centres_seed), dtype=torch.float64)
     means = means / means.norm(dim=-1, keepdim=True)
+    gen = _gen(seed)
     j = torch.randint(clusters, (n,), generator=gen)
     x = means[j] + spread * torch.randn(n, dim + 1, generator=gen, dtype=torch.float64)
     return _finish(x / x.norm(dim=-1, keepdim=True), noise, gen, dtype)

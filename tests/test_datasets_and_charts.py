@@ -51,6 +51,20 @@ def test_generators(name):
         gen(10, noise=-1.0)
 
 
+@pytest.mark.parametrize("name", sorted(datasets.MANIFOLDS))
+def test_seeds_draw_from_one_distribution(name):
+    """A training set (seed 0) and a held-out set (seed 1) must come from the same law: a
+    two-sample KS test on every coordinate and on random projections."""
+    gen, D, _ = datasets.MANIFOLDS[name]
+    a, b = gen(3000, seed=0, dtype=torch.float64), gen(3000, seed=1, dtype=torch.float64)
+    dirs = torch.randn(D, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    directions = torch.cat([torch.eye(D, dtype=torch.float64), dirs], -1)
+    pa, pb = (a @ directions).T.numpy(), (b @ directions).T.numpy()
+    pvalues = [stats.ks_2samp(u, v).pvalue for u, v in zip(pa, pb, strict=True)]
+    # Bonferroni over the projections: a 1e-3 family-wise false-alarm rate
+    assert min(pvalues) > 1e-3 / len(pvalues)
+
+
 def test_von_mises_angles_follow_the_von_mises_law():
     theta = datasets._von_mises(5000, 0.0, 1.0, torch.Generator().manual_seed(0))
     assert stats.kstest(theta.numpy(), stats.vonmises(1.0).cdf).pvalue > 1e-3
