@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+from _atlases import randomize_flows
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -179,14 +180,13 @@ def learned_atlas(seed, charts=4, m=2, bend=0.3):
     torch.manual_seed(seed)
     vq = VQAutoencoder(2, charts, hidden=(8,)).double()
     vq.init_codebook(x)
-    atlas = AtlasFlow.from_autoencoder(vq, x, 1, m=m, hidden=(8,), layers=2)
-    gen = torch.Generator().manual_seed(seed)
+    atlas = randomize_flows(
+        AtlasFlow.from_autoencoder(vq, x, 1, m=m, hidden=(8,), layers=2), seed, 0.3
+    )
+    bends = atlas.embedding.part_modules[1].hypernet.table
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for p in atlas.flow_modules.parameters():
-            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-        bends = atlas.embedding.part_modules[1].hypernet.table
         bends.copy_(bend * torch.randn(bends.shape, generator=gen, dtype=bends.dtype))
-        atlas.logits.copy_(torch.randn(charts, generator=gen, dtype=torch.float64))
     return atlas
 
 
