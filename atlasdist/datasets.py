@@ -27,6 +27,11 @@ __all__ = [
 ]
 
 
+# The default two circles, shared by the generator, its density and its entropy.
+_CIRCLE_CENTRES = ((-1.5, 0.0), (1.5, 0.0))
+_CIRCLE_RADII = (1.0, 0.5)
+
+
 def _gen(seed):
     return torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -60,8 +65,8 @@ def two_circles(
     noise: float = 0.0,
     seed: int | None = None,
     dtype=None,
-    centres=((-1.5, 0.0), (1.5, 0.0)),
-    radii=(1.0, 0.5),
+    centres=_CIRCLE_CENTRES,
+    radii=_CIRCLE_RADII,
     concentration: float = 1.0,
 ) -> torch.Tensor:
     """Two disjoint circles in R^2 (d = 1), half of the points on each, angles von Mises
@@ -79,8 +84,8 @@ def two_circles(
 
 def two_circles_log_prob(
     x: torch.Tensor,
-    centres=((-1.5, 0.0), (1.5, 0.0)),
-    radii=(1.0, 0.5),
+    centres=_CIRCLE_CENTRES,
+    radii=_CIRCLE_RADII,
     concentration: float = 1.0,
 ) -> torch.Tensor:
     r"""The true log density of :func:`two_circles` (w.r.t. arc length) at points ``x``
@@ -99,7 +104,7 @@ def two_circles_log_prob(
     return math.log(0.5) + log_vm - radii[i].log()
 
 
-def two_circles_entropy(radii=(1.0, 0.5), concentration: float = 1.0) -> float:
+def two_circles_entropy(radii=_CIRCLE_RADII, concentration: float = 1.0) -> float:
     r""":math:`E[\log p(x)]` of :func:`two_circles` (w.r.t. arc length): the best held-out
     log-likelihood a model can reach on it."""
     from scipy.special import i0e, i1e
