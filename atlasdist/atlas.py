@@ -13,19 +13,18 @@ from torch import nn
 from torch.distributions import Distribution, Independent, Normal
 
 from .charts import ChartMembership
-from .distributions.atlas import AtlasFlowDistribution
-from .transforms import (
-    ChartTable,
-    ConditionalConformalEmbedding,
-    ConditionalInverseStereographic,
-    ConditionalMobius,
-    ConditionalScale,
-    ConditionalShift,
-    ConditionalStiefelEmbedding,
-    householder_stiefel_raw,
+from .charts.specs import (
+    ChartSpec,
+    ChartStack,
+    LearnedCharts,
+    PlaneCharts,
+    SphereCharts,
+    as_charts,
 )
+from .distributions.atlas import AtlasFlowDistribution
+from .transforms import ChartSpline, chart_affine_coupling
 
-__all__ = ["AtlasFlow", "default_latent_flow", "default_embedding"]
+__all__ = ["AtlasFlow", "default_latent_flow"]
 
 
 def default_latent_flow(
@@ -37,67 +36,54 @@ def default_latent_flow(
     bound: float = 4.0,
 ) -> list:
     r"""Chart-conditioned latent flow :math:`h` on :math:`\mathbb{R}^d`: ``layers`` blocks of
-    a conditional rational spline (elementwise, identity outside :math:`[-B, B]`) followed,
-    for :math:`d > 1`, by a conditional affine coupling and a permutation."""
-    if count_bins == d:
-        count_bins += 1  # Pyro's ConditionalSpline misreads its parameter shapes when bins == d
+    a conditional rational spline (elementwise, identity outside :math:`[-B, B]`; its
+    parameters depend on the chart only and are computed once per chart) followed, for
+    :math:`d > 1`, by a conditional affine coupling (the chart part of its network's first
+    layer computed once per chart) and a permutation."""
     parts: list = []
     for _ in range(layers):
-        parts.append(
-            pyro_t.conditional_spline(
-                d, context_features, hidden_dims=list(hidden), count_bins=count_bins, bound=bound
-            )
-        )
+        parts.append(ChartSpline(d, context_features, hidden, count_bins=count_bins, bound=bound))
         if d > 1:
-            parts.append(
-                pyro_t.conditional_affine_coupling(d, context_features, hidden_dims=list(hidden))
-            )
+            parts.append(chart_affine_coupling(d, context_features, hidden))
             parts.append(pyro_t.Permute(torch.arange(d - 1, -1, -1)))
     return parts
 
 
-def default_embedding(d: int, D: int, context_features: int, hidden: Sequence[int] = (32,)):
-    r"""Chart-conditioned conformal embedding :math:`c`: inverse stereographic projection onto
-    :math:`S^d`, an isometric embedding into :math:`\mathbb{R}^D` (when :math:`D > d+1`), a
-    scale and a shift, all produced from the chart context. Each chart's image is a
-    :math:`d`-sphere of learned radius, centre and orientation."""
-    parts = [ConditionalInverseStereographic(d, context_features, hidden)]
-    if D > d + 1:
-        parts.append(ConditionalStiefelEmbedding(d + 1, D, context_features, hidden))
-    parts += [
-        ConditionalScale(D, context_features, hidden),
-        ConditionalShift(D, context_features, hidden),
-    ]
-    return ConditionalConformalEmbedding(parts)
-
-
 class AtlasFlow(nn.Module):
     r"""An atlas of :math:`K` injective flows :math:`g_k = c_k \circ h_k: \mathbb{R}^d \to
-    \mathbb{R}^D` with shared weights; ``flow()`` (or calling the module) returns the
+    \mathbb{R}^D` with shared weights; calling the module (or ``flow()``) returns the
     :class:`~atlasdist.distributions.AtlasFlowDistribution`.
 
-    Every part is replaceable; the defaults suit toy data.
+    The charts :math:`c_k` are chart specs (:mod:`atlasdist.charts.specs`) stacked in one
+    :class:`~atlasdist.charts.ChartStack`; the latent flows :math:`h_k` share weights and are
+    conditioned on each chart's features (``context``, default the chart centres). Every part
+    is replaceable; the defaults suit toy data.
 
     Arguments:
         D: ambient dimension.
         d: latent (manifold) dimension, :math:`d < D`.
-        charts: number of charts :math:`K`.
-        centres: initial chart centres in code space, shape :math:`(K, c)` (default: standard
-            normal, code space = data space).
+        charts: the number of charts :math:`K` (default charts:
+            :class:`~atlasdist.charts.LearnedCharts`, or ``embedding``), or chart specs (one
+            :class:`~atlasdist.charts.ChartSpec` or a list, stacked in order).
+        centres: chart centres in code space for membership, shape :math:`(K, c)` (default:
+            the specs' centres where they have them, else standard normal; code space = data
+            space).
         learn_centres: whether the centres are parameters.
-        context: fixed conditioning context per chart, shape :math:`(K, c')` (e.g. the
-            identity for per-chart tables, :class:`~atlasdist.transforms.ChartTable`);
-            default: the centres.
+        context: fixed conditioning features per chart, shape :math:`(K, c')` (e.g. the
+            identity); default: the centres.
         flows: latent flow parts (default :func:`default_latent_flow`).
-        embedding: conformal embedding (default :func:`default_embedding`).
+        embedding: instead of specs, one embedding for all :math:`K` charts: a conditional
+            embedding (:class:`~atlasdist.transforms.ConditionalCompose`), conditioned on the
+            chart context, or a shared :class:`~atlasdist.transforms.InjectiveTransform`.
         base: base distribution on :math:`\mathbb{R}^d` (default standard normal, moved with
             the module).
         membership: chart membership (default ``ChartMembership(m=min(2, K))``).
         atol, noise_scale: see :class:`~atlasdist.distributions.AtlasFlowDistribution`.
+        layers, hidden, count_bins: size of the default latent flow.
 
     Example:
         >>> atlas = AtlasFlow(D=3, d=2, charts=4)
-        >>> p = atlas.flow()
+        >>> p = atlas()
         >>> p.sample((2,)).shape
         torch.Size([2, 3])
     """
@@ -106,7 +92,7 @@ class AtlasFlow(nn.Module):
         self,
         D: int,
         d: int,
-        charts: int,
+        charts: int | ChartSpec | Sequence[ChartSpec],
         *,
         centres: torch.Tensor | None = None,
         learn_centres: bool = True,
@@ -124,12 +110,34 @@ class AtlasFlow(nn.Module):
         super().__init__()
         if not 1 <= d < D:
             raise ValueError(f"AtlasFlow needs 1 <= d < D, got d={d}, D={D}")
-        if charts < 1:
-            raise ValueError(f"AtlasFlow needs at least one chart, got {charts}")
-        self.D, self.d, self.num_charts = D, d, charts
-        centres = torch.randn(charts, D) if centres is None else torch.as_tensor(centres)
-        if centres.dim() != 2 or centres.shape[0] != charts:
-            raise ValueError(f"centres must have shape ({charts}, c), got {tuple(centres.shape)}")
+        stack = None
+        if isinstance(charts, int):
+            if charts < 1:
+                raise ValueError(f"AtlasFlow needs at least one chart, got {charts}")
+            num_charts = charts
+        else:
+            if embedding is not None:
+                raise ValueError("AtlasFlow: give chart specs or an embedding, not both")
+            stack = as_charts(
+                charts
+                if isinstance(charts, ChartStack)
+                else list([charts] if isinstance(charts, ChartSpec) else charts)
+            )
+            if (stack.in_features, stack.out_features) != (d, D):
+                raise ValueError(
+                    f"AtlasFlow: the charts map R^{stack.in_features} into "
+                    f"R^{stack.out_features}, the atlas has d={d}, D={D}"
+                )
+            num_charts = stack.num_charts
+        self.D, self.d, self.num_charts = D, d, num_charts
+        if centres is None:
+            spec_centres = None if stack is None else stack.centres()
+            centres = torch.randn(num_charts, D) if spec_centres is None else spec_centres.detach()
+        centres = torch.as_tensor(centres)
+        if centres.dim() != 2 or centres.shape[0] != num_charts:
+            raise ValueError(
+                f"centres must have shape ({num_charts}, c), got {tuple(centres.shape)}"
+            )
         if learn_centres:
             self.centres = nn.Parameter(centres.clone())
         else:
@@ -143,13 +151,17 @@ class AtlasFlow(nn.Module):
             flows = default_latent_flow(d, context_features, layers, hidden, count_bins)
         self.flow_parts = list(flows)
         self.flow_modules = nn.ModuleList([p for p in self.flow_parts if isinstance(p, nn.Module)])
-        self.embedding = (
-            default_embedding(d, D, context_features) if embedding is None else embedding
-        )
+        if stack is None:
+            if embedding is None:
+                embedding = LearnedCharts(num_charts, d, D, context_features)
+            stack = as_charts(embedding, num_charts)
+        self.charts = stack
         self.base = base
         self.register_buffer("_base_loc", torch.zeros(d))
-        self.membership = ChartMembership(m=min(2, charts)) if membership is None else membership
-        self.logits = nn.Parameter(torch.zeros(charts))
+        self.membership = (
+            ChartMembership(m=min(2, num_charts)) if membership is None else membership
+        )
+        self.logits = nn.Parameter(torch.zeros(num_charts))
         self.atol, self.noise_scale = atol, noise_scale
 
     @classmethod
@@ -162,64 +174,47 @@ class AtlasFlow(nn.Module):
         learnable: bool = False,
         **kwargs,
     ) -> AtlasFlow:
-        r"""An atlas whose chart :math:`k` is the inverse stereographic projection from the
-        pole :math:`p_k` onto the :math:`d`-sphere of centre :math:`o_k` and radius
-        :math:`r_k` in :math:`\mathbb{R}^{d+1}`: the exact charts of known spheres (one sphere
-        covered from several poles, or several disjoint spheres, e.g. two circles).
+        r"""An atlas of :class:`~atlasdist.charts.SphereCharts`: chart :math:`k` is the inverse
+        stereographic projection from the pole :math:`p_k` onto the :math:`d`-sphere of centre
+        :math:`o_k` and radius :math:`r_k` in :math:`\mathbb{R}^{d+1}` (one sphere covered
+        from several poles, or several disjoint spheres, e.g. two circles).
 
-        Charts are conditioned on a one-hot context through
-        :class:`~atlasdist.transforms.ChartTable` s (fixed unless ``learnable``); the latent
-        flow is shared (conditioned on the same one-hot context). The chart centres used for
-        membership are the points opposite the poles, :math:`o_k - r_k p_k`, where each chart
-        is least distorted.
+        The latent flow is shared, conditioned on a one-hot chart context; the chart centres
+        used for membership are the points opposite the poles, :math:`o_k - r_k p_k`, where
+        each chart is least distorted. The dtype of the arguments is kept.
 
         Arguments:
             d: sphere dimension.
             centres: :math:`o_k`, shape :math:`(K, d+1)`.
             radii: :math:`r_k > 0`, shape :math:`(K,)`.
             poles: unit vectors :math:`p_k`, shape :math:`(K, d+1)`.
+            learnable: whether the charts' tables are learned.
             kwargs: passed to :class:`AtlasFlow` (``membership``, ``layers``, ``hidden``...).
 
         Example:
             >>> north, south = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, -1.0]])
             >>> circle = AtlasFlow.spheres(1, torch.zeros(2, 2), torch.ones(2),
             ...                            torch.cat([north, south]))
-            >>> circle.flow().sample((3,)).norm(dim=-1)
+            >>> circle().sample((3,)).norm(dim=-1)
             tensor([1.0000, 1.0000, 1.0000])
         """
-        centres, radii, poles = (
-            torch.as_tensor(t, dtype=torch.get_default_dtype()) for t in (centres, radii, poles)
-        )
-        K, D = poles.shape
-        if D != d + 1 or centres.shape != (K, D) or radii.shape != (K,):
+        charts = SphereCharts(centres, radii, poles, learnable=learnable)
+        if charts.in_features != d:
             raise ValueError(
-                f"spheres: need centres and poles of shape (K, {d + 1}) and radii (K,), got "
-                f"{tuple(centres.shape)}, {tuple(poles.shape)}, {tuple(radii.shape)}"
+                f"spheres: need centres and poles of shape (K, {d + 1}), got poles of shape "
+                f"(K, {charts.out_features})"
             )
-        if not bool((radii > 0).all()):
-            raise ValueError(f"spheres: radii must be > 0, got {radii.tolist()}")
-        north = torch.zeros(D)
-        north[-1] = 1
-        embedding = ConditionalConformalEmbedding(
-            [
-                ConditionalInverseStereographic(
-                    d, K, hypernet=ChartTable(poles - north, learnable=learnable)
-                ),
-                ConditionalScale(D, K, hypernet=ChartTable(radii.log()[:, None], learnable)),
-                ConditionalShift(D, K, hypernet=ChartTable(centres, learnable)),
-            ]
-        )
+        K = charts.num_charts
         kwargs.setdefault("membership", ChartMembership(m=min(2, K)))
+        dtype = charts.centres().dtype
         return cls(
-            D,
+            d + 1,
             d,
-            K,
-            centres=centres - radii[:, None] * poles,
+            charts,
             learn_centres=False,
-            context=torch.eye(K),
-            embedding=embedding,
+            context=torch.eye(K, dtype=dtype),
             **kwargs,
-        )
+        ).to(dtype)
 
     @classmethod
     def from_autoencoder(
@@ -234,7 +229,7 @@ class AtlasFlow(nn.Module):
         learn_geometry: bool = True,
         **kwargs,
     ) -> AtlasFlow:
-        r"""An atlas whose charts are the codes of a trained
+        r"""An atlas of :class:`~atlasdist.charts.PlaneCharts` at the codes of a trained
         :class:`~atlasdist.charts.VQAutoencoder` (reference/000, "The chart maps").
 
         - Membership: the autoencoder's regions :math:`U_k` (its encoder, its codebook as the
@@ -269,30 +264,14 @@ class AtlasFlow(nn.Module):
                     _, sv, vt = torch.linalg.svd(xk - means[k], full_matrices=False)
                     frames[k] = vt[:d].T
                     spread[k] = (sv[:d].pow(2).mean() / len(xk)).sqrt().clamp_min(1e-3)
-        context = torch.cat([torch.eye(K, dtype=data.dtype), codebook.to(data.dtype)], -1)
-        c = context.shape[-1]
-
-        def table(values):
-            return ChartTable(values, learnable=learn_geometry, context_features=c)
-
-        embedding = ConditionalConformalEmbedding(
-            [
-                ConditionalStiefelEmbedding(
-                    d, D, c, hypernet=table(householder_stiefel_raw(frames))
-                ),
-                ConditionalMobius(D, c, hypernet=table(torch.zeros(K, D, dtype=data.dtype))),
-                ConditionalScale(D, c, hypernet=table(spread.log()[:, None])),
-                ConditionalShift(D, c, hypernet=table(means)),
-            ]
-        )
+        charts = PlaneCharts(means, frames, spread, bend=True, learnable=learn_geometry)
         atlas = cls(
             D,
             d,
-            K,
+            charts,
             centres=codebook,
             learn_centres=False,
-            context=context,
-            embedding=embedding,
+            context=torch.cat([torch.eye(K, dtype=data.dtype), codebook.to(data.dtype)], -1),
             membership=vq.membership(m=m, eps=eps, cap=cap),
             **kwargs,
         )
@@ -312,7 +291,7 @@ class AtlasFlow(nn.Module):
         return AtlasFlowDistribution(
             self.base_distribution(),
             self.flow_parts,
-            self.embedding,
+            self.charts,
             self.centres,
             self.logits,
             self.membership,
@@ -323,4 +302,5 @@ class AtlasFlow(nn.Module):
         )
 
     def forward(self) -> AtlasFlowDistribution:
+        """The distribution with the current parameters (the lazy-distribution contract)."""
         return self.flow()

@@ -48,7 +48,7 @@ html_title = f"atlasdist {release}"
 
 
 def _public_bases(app, name, obj, options, bases):
-    """Shows a private base class (``_Bijective``, ``_ConditionalLayer``) as its own bases."""
+    """Shows a private base class as its own bases."""
     public = []
     for base in bases:
         public.extend(base.__bases__ if base.__name__.startswith("_") else [base])

@@ -8,13 +8,8 @@ import torch
 from torch import nn
 
 from atlasdist.transforms import (
-    ConditionalConformalEmbedding,
-    ConditionalInverseStereographic,
-    ConditionalMobius,
-    ConditionalOrthogonal,
-    ConditionalScale,
-    ConditionalShift,
-    ConditionalStiefelEmbedding,
+    Conditional,
+    ConditionalCompose,
     ConformalEmbedding,
     InjectiveCompose,
     InverseStereographic,
@@ -108,20 +103,20 @@ CASES = {
         g,
     ),
     "conditioned ConformalEmbedding": lambda d, D, g: _conditioned(
-        ConditionalConformalEmbedding(
+        ConditionalCompose(
             [
-                ConditionalStiefelEmbedding(d, D, 3),
-                ConditionalOrthogonal(D, 3),
-                ConditionalMobius(D, 3, radius=4.0),
-                ConditionalScale(D, 3),
-                ConditionalShift(D, 3),
+                Conditional(StiefelEmbedding, d, D, context_features=3),
+                Conditional(Orthogonal, D, context_features=3),
+                Conditional(Mobius, D, context_features=3, radius=4.0),
+                Conditional(Scale, D, context_features=3),
+                Conditional(Shift, D, context_features=3),
             ]
         ),
         3,
         g,
     ),
     "conditioned InverseStereographic": lambda d, D, g: _conditioned(
-        ConditionalInverseStereographic(d, 2), 2, g
+        Conditional(InverseStereographic, d, context_features=2), 2, g
     ),
 }
 

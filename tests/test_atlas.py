@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from atlasdist import AtlasFlow, AtlasFlowDistribution, ChartMembership
+from atlasdist.transforms import Hypernet
 
 seeds = st.integers(0, 2**20)
 ATLASES = {
@@ -208,7 +209,7 @@ def test_gradients():
     atlas.flow().rsample((32,)).pow(2).sum().backward()
     assert atlas.logits.grad is None
     assert atlas.centres.grad is not None and torch.isfinite(atlas.centres.grad).all()
-    emb_grads = [q.grad for q in atlas.embedding.parameters()]
+    emb_grads = [q.grad for q in atlas.charts.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in emb_grads)
 
 
@@ -225,18 +226,27 @@ def test_state_dict_round_trip_gives_identical_log_prob():
 
 
 def test_only_the_candidate_charts_are_evaluated():
-    """log_prob runs the conditioned flows on N x cap (point, chart) pairs, not N x K."""
-    calls = []
+    """log_prob runs the conditioned flows on N x cap (point, chart) pairs, not N x K; the
+    hypernetworks, which depend on the chart only, run once per chart (K rows), not per
+    pair."""
+    calls, hypernet_rows = [], []
     atlas = AtlasFlow(3, 2, 64, hidden=(8,), layers=1, membership=ChartMembership(m=2))
-    original = atlas.embedding.condition
-    atlas.embedding.condition = lambda ctx: calls.append(ctx.shape[0]) or original(ctx)
+    original = atlas.charts.embedding
+    atlas.charts.embedding = lambda ctx: calls.append(len(ctx)) or original(ctx)
+    for module in atlas.modules():
+        if isinstance(module, Hypernet):
+            module.register_forward_hook(lambda m, a, out: hypernet_rows.append(a[0].shape[0]))
     p = atlas.flow(validate_args=False)
     calls.clear()
+    hypernet_rows.clear()
     p.log_prob(torch.randn(10, 3))
     assert calls == [20]
+    assert hypernet_rows and set(hypernet_rows) == {64}
     calls.clear()
+    hypernet_rows.clear()
     p.sample((10,))
     assert calls == [10]
+    assert hypernet_rows and set(hypernet_rows) == {64}
 
 
 def test_missed_mass_is_zero_when_every_chart_is_a_candidate():

@@ -5,7 +5,7 @@ import torch
 from _cases import CASES, build
 
 from atlasdist.transforms import (
-    ConditionalStiefelEmbedding,
+    Conditional,
     ConformalEmbedding,
     InjectiveCompose,
     InverseStereographic,
@@ -47,7 +47,7 @@ def test_nan_input(name):
     [
         lambda: ZeroPad(3, 2),
         lambda: StiefelEmbedding(4, 3),
-        lambda: ConditionalStiefelEmbedding(4, 3, context_features=2),
+        lambda: Conditional(StiefelEmbedding, 4, 3, context_features=2),
         lambda: ZeroPad(0, 2),
     ],
 )

@@ -16,15 +16,17 @@ from atlasdist.geometry import (
     tangent_frame,
 )
 from atlasdist.transforms import (
+    ChartContext,
     ChartTable,
-    ConditionalConformalEmbedding,
-    ConditionalInverseStereographic,
-    ConditionalMobius,
-    ConditionalOrthogonal,
-    ConditionalScale,
-    ConditionalShift,
-    ConditionalStiefelEmbedding,
+    Conditional,
+    ConditionalCompose,
     Hypernet,
+    InverseStereographic,
+    Mobius,
+    Orthogonal,
+    Scale,
+    Shift,
+    StiefelEmbedding,
     householder_stiefel,
 )
 
@@ -32,13 +34,13 @@ seeds = st.integers(0, 2**20)
 
 
 def conditional_embedding(d, D, c):
-    return ConditionalConformalEmbedding(
+    return ConditionalCompose(
         [
-            ConditionalStiefelEmbedding(d, D, c),
-            ConditionalOrthogonal(D, c),
-            ConditionalMobius(D, c, radius=4.0),
-            ConditionalScale(D, c),
-            ConditionalShift(D, c),
+            Conditional(StiefelEmbedding, d, D, context_features=c),
+            Conditional(Orthogonal, D, context_features=c),
+            Conditional(Mobius, D, context_features=c, radius=4.0),
+            Conditional(Scale, D, context_features=c),
+            Conditional(Shift, D, context_features=c),
         ]
     )
 
@@ -62,6 +64,29 @@ def test_batched_contexts_act_row_wise(seed, d, extra, rows):
     torch.testing.assert_close(cond.condition(ctx).inv(y), x)
 
 
+@given(seed=seeds, d=st.integers(1, 3), extra=st.integers(0, 2), charts=st.integers(1, 5))
+def test_chart_context_equals_conditioning_each_row(seed, d, extra, charts):
+    """Under a ChartContext (per-chart features computed once, gathered by index; frames
+    applied by index) the layer equals the one conditioned on each row's features: values,
+    log-dets, inverse and gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    cond = randomize(conditional_embedding(d, d + extra, 3), gen, 0.5).double()
+    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
+    index = torch.randint(charts, (7,), generator=gen)
+    x = 0.5 * torch.randn(2, 7, d, generator=gen, dtype=torch.float64)
+    by_chart = cond.condition(ChartContext(features, index))
+    by_row = cond.condition(features[index])
+    y, ladj = by_chart.call_and_ladj(x)
+    y_row, ladj_row = by_row.call_and_ladj(x)
+    torch.testing.assert_close(y, y_row)
+    torch.testing.assert_close(ladj, ladj_row)
+    torch.testing.assert_close(by_chart.inv(y), x)
+    grads = torch.autograd.grad((y.sum() + ladj.sum()), list(cond.parameters()))
+    grads_row = torch.autograd.grad((y_row.sum() + ladj_row.sum()), list(cond.parameters()))
+    for g, h in zip(grads, grads_row, strict=True):
+        torch.testing.assert_close(g, h)
+
+
 @given(seed=seeds, rows=st.integers(2, 9), cols=st.integers(1, 9))
 def test_householder_stiefel_is_orthonormal_for_any_raw_values(seed, rows, cols):
     cols = min(rows, cols)
@@ -77,33 +102,39 @@ def test_householder_stiefel_is_orthonormal_for_any_raw_values(seed, rows, cols)
 def test_conditional_layers_start_at_a_fixed_map():
     ctx = torch.randn(5, 2)
     x = torch.randn(5, 3)
-    for layer in [ConditionalShift(3, 2), ConditionalScale(3, 2), ConditionalMobius(3, 2)]:
-        torch.testing.assert_close(layer.condition(ctx)(x), x)
-    pole = ConditionalInverseStereographic(2, 2).condition(ctx).pole
+    for layer in [Shift, Scale, Mobius]:
+        torch.testing.assert_close(Conditional(layer, 3, context_features=2).condition(ctx)(x), x)
+    pole = Conditional(InverseStereographic, 2, context_features=2).condition(ctx).pole
     torch.testing.assert_close(pole, torch.tensor([0.0, 0.0, 1.0]).expand(5, 3))
 
 
 def test_chart_table_looks_up_per_chart_parameters():
     shifts = torch.tensor([[1.0, 0.0], [0.0, -2.0], [3.0, 3.0]])
-    layer = ConditionalShift(2, 3, hypernet=ChartTable(shifts, learnable=False))
-    onehot = torch.eye(3)[torch.tensor([2, 0, 1, 2])]
-    out = layer.condition(onehot)(torch.zeros(4, 2))
-    torch.testing.assert_close(out, shifts[torch.tensor([2, 0, 1, 2])])
+    layer = Conditional(Shift, 2, table=ChartTable(shifts, learnable=False))
+    charts = torch.tensor([2, 0, 1, 2])
+    out = layer.condition(charts)(torch.zeros(4, 2))
+    torch.testing.assert_close(out, shifts[charts])
+    by_chart = layer.condition(ChartContext(torch.zeros(3, 1), charts))(torch.zeros(4, 2))
+    torch.testing.assert_close(by_chart, shifts[charts])
     assert len(list(layer.parameters())) == 0
-    assert len(list(ConditionalShift(2, 3, hypernet=ChartTable(shifts)).parameters())) == 1
+    assert len(list(Conditional(Shift, 2, table=ChartTable(shifts)).parameters())) == 1
     with pytest.raises(ValueError, match="gives 2 parameters"):
-        ConditionalScale(2, 3, hypernet=ChartTable(shifts))
-    with pytest.raises(ValueError, match="one-hot context"):
-        layer.condition(torch.zeros(4, 2))
+        Conditional(Scale, 2, table=ChartTable(shifts))
+    with pytest.raises(TypeError, match="chart numbers"):
+        layer.condition(torch.zeros(4, 3))
 
 
 def test_hypernet_rejects_a_wrong_context():
     with pytest.raises(ValueError, match=r"context of shape \(\*, 3\)"):
-        ConditionalShift(2, 3).condition(torch.zeros(5, 4))
+        Conditional(Shift, 2, context_features=3).condition(torch.zeros(5, 4))
     with pytest.raises(ValueError, match="context_features"):
         Hypernet(0, 3)
+    with pytest.raises(ValueError, match="context_features"):
+        Conditional(Shift, 2)
     with pytest.raises(ValueError, match="disagree"):
-        ConditionalConformalEmbedding([ConditionalShift(2, 3), ConditionalScale(2, 4)])
+        ConditionalCompose(
+            [Conditional(Shift, 2, context_features=3), Conditional(Scale, 2, context_features=4)]
+        )
 
 
 # -- geometry ---------------------------------------------------------------------------

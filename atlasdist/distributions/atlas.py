@@ -15,17 +15,14 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch.distributions import Categorical, Transform
 
 from .._checks import check_features, no_validation, validation_enabled
+from ..charts.specs import as_charts
 from ..geometry import batched_jacobian
+from ..transforms import ChartContext, condition
 from .embedded import EmbeddedDistribution, latent_dim_of
 
 __all__ = ["AtlasFlowDistribution"]
 
 _EMPTY = torch.Size()
-
-
-def condition(part, context: torch.Tensor):
-    """``part.condition(context)`` for conditional transforms, ``part`` itself otherwise."""
-    return part.condition(context) if isinstance(part, ConditionalTransform) else part
 
 
 class AtlasFlowDistribution(EmbeddedDistribution):
@@ -75,15 +72,19 @@ class AtlasFlowDistribution(EmbeddedDistribution):
 
     Cost: ``log_prob`` evaluates ``cap`` charts per point (one batched call of the
     conditioned flows over all (point, candidate) pairs); ``sample`` evaluates only the
-    drawn chart of each draw.
+    drawn chart of each draw. Work that depends only on the chart (embedding frames, poles,
+    scales, shifts, the chart part of the latent flows' networks) is done once per chart per
+    call and gathered by chart index (:class:`~atlasdist.transforms.ChartContext`).
 
     Arguments:
         base: :math:`q`, a distribution with event shape :math:`(d,)` and batch shape ``()``.
         flows: the latent flow :math:`h` as transforms of :math:`\mathbb{R}^d`, first applied
             first; conditional ones (Pyro ``ConditionalTransformModule``) are conditioned on
             the chart context.
-        embedding: :math:`c`, an :class:`~atlasdist.transforms.InjectiveTransform` (one for all
-            charts) or a conditional transform whose ``condition`` gives one.
+        charts: the embeddings :math:`c_k`: a :class:`~atlasdist.charts.ChartStack`, a
+            :class:`~atlasdist.charts.ChartSpec` (or a list of them), a conditional embedding
+            (conditioned on the chart context) or one
+            :class:`~atlasdist.transforms.InjectiveTransform` shared by all charts.
         centres: chart centres :math:`v_k` in code space, shape :math:`(K, c)`.
         logits: mixture logits, shape :math:`(K,)`.
         membership: a :class:`~atlasdist.charts.ChartMembership`.
@@ -108,7 +109,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         self,
         base: torch.distributions.Distribution,
         flows: Sequence,
-        embedding,
+        charts,
         centres: torch.Tensor,
         logits: torch.Tensor,
         membership,
@@ -134,16 +135,20 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         for i, part in enumerate(flows):
             if not isinstance(part, Transform | ConditionalTransform):
                 raise TypeError(f"flows[{i}] is not a (conditional) transform: {type(part)}")
-        self.base, self.flows, self.embedding = base, list(flows), embedding
+        charts = as_charts(charts, num_charts)
+        if charts.num_charts != num_charts:
+            raise ValueError(
+                f"the charts number {charts.num_charts}, the centres and logits {num_charts}"
+            )
+        self.base, self.flows, self.charts = base, list(flows), charts
         self.centres, self.logits, self.context = centres, logits, context
         self.membership = membership
         self.latent_dim = d
         self.atol, self.noise_scale = atol, noise_scale
-        probe = condition(embedding, context[:1])
-        self.ambient_dim = probe.out_features
-        if probe.in_features != d:
+        self.ambient_dim = charts.out_features
+        if charts.in_features != d:
             raise ValueError(
-                f"the embedding takes {probe.in_features} latent features, the base has {d}"
+                f"the embedding takes {charts.in_features} latent features, the base has {d}"
             )
         super().__init__(
             batch_shape=torch.Size(batch_shape),
@@ -165,9 +170,11 @@ class AtlasFlowDistribution(EmbeddedDistribution):
     def chart_maps(self, charts: torch.Tensor):
         r"""The latent flow :math:`h` and embedding :math:`c` of the given charts, conditioned
         row-wise: ``charts`` of shape :math:`(N,)` gives transforms acting on :math:`(N, \cdot)`.
+        Per-chart quantities are computed once for the :math:`K` charts and gathered by
+        ``charts``.
         """
-        ctx = self.context[charts]
-        return [condition(part, ctx) for part in self.flows], condition(self.embedding, ctx)
+        ctx = ChartContext(self.context, charts)
+        return [condition(part, ctx) for part in self.flows], self.charts.embedding(ctx)
 
     # -- sampling ------------------------------------------------------------------------
 

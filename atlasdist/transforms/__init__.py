@@ -1,18 +1,15 @@
 """Injective, conformal and chart-conditioned transforms."""
 
 from .conditional import (
+    ChartContext,
+    ChartDenseNN,
+    ChartSpline,
     ChartTable,
-    ConditionalConformalEmbedding,
-    ConditionalInjectiveCompose,
-    ConditionalInverseStereographic,
-    ConditionalMobius,
-    ConditionalOrthogonal,
-    ConditionalScale,
-    ConditionalShift,
-    ConditionalStiefelEmbedding,
+    Conditional,
+    ConditionalCompose,
     Hypernet,
-    householder_stiefel,
-    householder_stiefel_raw,
+    chart_affine_coupling,
+    condition,
 )
 from .conformal import (
     ConformalEmbedding,
@@ -23,14 +20,19 @@ from .conformal import (
     Shift,
     StiefelEmbedding,
     ZeroPad,
+    householder_stiefel,
+    householder_stiefel_raw,
     householder_to,
+    reflect_to,
 )
+from .indexed import indexed_matvec
 from .injective import (
     ConformalTransform,
     EventTransform,
     InjectiveCompose,
     InjectiveTransform,
     compose,
+    is_conformal,
 )
 from .manifold import ManifoldTransform, qr_parametrized, simplex_projection, sphere_projection
 from .product import ProductEmbedding
@@ -47,6 +49,7 @@ __all__ = [
     "EventTransform",
     "InjectiveTransform",
     "ConformalTransform",
+    "is_conformal",
     "InjectiveCompose",
     "compose",
     "ZeroPad",
@@ -58,6 +61,8 @@ __all__ = [
     "InverseStereographic",
     "ConformalEmbedding",
     "householder_to",
+    "reflect_to",
+    "indexed_matvec",
     "ProductEmbedding",
     "NormalizedTranslation",
     "NormalizedLinear",
@@ -71,16 +76,15 @@ __all__ = [
     "sphere_projection",
     "simplex_projection",
     "qr_parametrized",
+    "ChartContext",
     "Hypernet",
     "ChartTable",
+    "Conditional",
+    "ConditionalCompose",
+    "ChartDenseNN",
+    "ChartSpline",
+    "chart_affine_coupling",
+    "condition",
     "householder_stiefel",
     "householder_stiefel_raw",
-    "ConditionalShift",
-    "ConditionalScale",
-    "ConditionalOrthogonal",
-    "ConditionalStiefelEmbedding",
-    "ConditionalMobius",
-    "ConditionalInverseStereographic",
-    "ConditionalInjectiveCompose",
-    "ConditionalConformalEmbedding",
 ]

@@ -1,51 +1,92 @@
-r"""Chart-conditioned conformal layers.
+r"""Conditioning: one wrapper turns a context into a layer's declared parameters.
 
-Each class is a Pyro ``ConditionalTransformModule``: a small network (the *hypernetwork*) maps
-a context vector :math:`v` (a chart centre) to the parameters of a conformal layer, and
-``.condition(v)`` returns that layer with the parameters fixed. With a batch of contexts of
-shape :math:`(B, c)` the returned layer holds :math:`B` parameter sets and acts row-wise on
-inputs of shape :math:`(*, B, n)`: this is how every chart of an atlas gets its own embedding
-from one set of shared weights.
+A conditionable layer declares the shapes of its raw parameters (``parameter_shapes``) and
+builds itself from a batch of them (``from_parameters``). :class:`Conditional` produces the
+raw parameters from a context, with a shared-weight :class:`Hypernet` (zero-initialised output,
+so every conditioned layer starts at a fixed map) or a per-chart :class:`ChartTable`, and
+``condition(context)`` returns the layer, following Pyro's ``ConditionalTransformModule``
+("a hypernetwork that builds an unconditional transform").
 
-The hypernetworks' last layer starts at zero, so every conditioned layer starts at a fixed
-map (the identity for shifts, scales and Möbius maps; :math:`[I_d; 0]` for the Stiefel and
-orthogonal maps; the north pole for the stereographic chart).
+Contexts:
+
+- a tensor of shape :math:`(B, c)` (or :math:`(c,)`): one parameter set per row, for inputs of
+  shape :math:`(*, B, n)`; a :class:`ChartTable` takes integer chart numbers :math:`(B,)`;
+- a :class:`ChartContext` (what an atlas passes): the features of all :math:`K` charts and the
+  chart of each input row. Everything that depends only on the chart is computed once per
+  chart and gathered by index (frames are applied by index without a per-row copy).
+
+The latent flows of an atlas are Pyro conditional transforms; :class:`ChartDenseNN` and
+:class:`ChartSpline` are their chart-aware versions (the context part of a coupling network's
+first layer, and all of a spline's parameters, computed once per chart).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import pyro.distributions.transforms as pyro_t
 import torch
-from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.conditional import ConditionalTransform, ConditionalTransformModule
+from pyro.distributions.transforms.spline import ConditionalSpline, ConditionedSpline
+from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import nn
 
 from .._checks import check_features
-from .conformal import (
-    ConformalEmbedding,
-    InverseStereographic,
-    Mobius,
-    Orthogonal,
-    Scale,
-    Shift,
-    StiefelEmbedding,
-)
-from .injective import InjectiveCompose
+from .conformal import ConformalEmbedding
+from .injective import InjectiveCompose, is_conformal
 
 __all__ = [
+    "ChartContext",
     "Hypernet",
     "ChartTable",
-    "householder_stiefel",
-    "householder_stiefel_raw",
-    "ConditionalShift",
-    "ConditionalScale",
-    "ConditionalOrthogonal",
-    "ConditionalStiefelEmbedding",
-    "ConditionalMobius",
-    "ConditionalInverseStereographic",
-    "ConditionalInjectiveCompose",
-    "ConditionalConformalEmbedding",
+    "Conditional",
+    "ConditionalCompose",
+    "ChartDenseNN",
+    "ChartSpline",
+    "chart_affine_coupling",
+    "condition",
 ]
+
+
+@dataclass(frozen=True)
+class ChartContext:
+    r"""The context of a chart-conditioned evaluation: per-chart features and the chart of
+    each row.
+
+    Arguments:
+        features: features of every chart, shape :math:`(K, c)` (computed once per call).
+        index: chart of each input row, integer tensor of shape :math:`(B,)`.
+    """
+
+    features: torch.Tensor
+    index: torch.Tensor
+
+    def rows(self) -> torch.Tensor:
+        r"""The features of each row's chart, :math:`(B, c)`: for conditional transforms that
+        do not know charts (any Pyro ``ConditionalTransform``)."""
+        return self.features[self.index]
+
+    def __len__(self) -> int:
+        return self.index.shape[0]
+
+
+def _accepts_chart_context(part) -> bool:
+    return isinstance(part, Conditional | ConditionalCompose | ChartSpline) or isinstance(
+        getattr(part, "nn", None), ChartDenseNN
+    )
+
+
+def condition(part, context):
+    """``part`` conditioned on ``context`` (a tensor or a :class:`ChartContext`); transforms
+    that are not conditional are returned as they are. A Pyro conditional transform that does
+    not know charts gets the per-row features ``context.rows()``."""
+    if not isinstance(part, ConditionalTransform):
+        return part
+    if isinstance(context, ChartContext) and not _accepts_chart_context(part):
+        return part.condition(context.rows())
+    return part.condition(context)
 
 
 class Hypernet(nn.Module):
@@ -56,6 +97,7 @@ class Hypernet(nn.Module):
         if int(context_features) < 1:
             raise ValueError(f"context_features must be >= 1, got {context_features}")
         self.context_features = int(context_features)
+        self.out_features = int(out_features)
         sizes = [self.context_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
@@ -71,255 +113,253 @@ class Hypernet(nn.Module):
 
 
 class ChartTable(nn.Module):
-    r"""A table of per-chart parameters, looked up by a one-hot chart context:
-    ``context (*, K) -> context @ table (*, p)``.
+    r"""A table of per-chart parameters indexed by chart number: ``table(k)`` is row
+    :math:`k`, ``table()`` all :math:`K` rows.
 
-    Use it as the ``hypernet`` of a conditional layer to give each of :math:`K` charts its own
-    free (or fixed, ``learnable=False``) parameters instead of shared weights, e.g. known
+    Use it as the source of a :class:`Conditional` layer to give each of :math:`K` charts its
+    own free (or fixed, ``learnable=False``) parameters instead of shared weights, e.g. known
     stereographic poles, or a circle's centre and radius per chart. The values are the raw
-    parameters of the layer (see each layer). With ``context_features`` larger than
-    :math:`K`, the context is ``[one-hot (K), anything else]`` and only its first :math:`K`
-    entries are read (so the same context can also feed shared-weight layers).
+    parameters of the layer (see each layer's ``from_parameters``).
 
     Arguments:
         table: tensor of shape :math:`(K, p)`.
         learnable: whether the table is an ``nn.Parameter``.
-        context_features: total context size (default :math:`K`).
+
+    Example:
+        >>> table = ChartTable(torch.tensor([[1.0], [2.0], [3.0]]), learnable=False)
+        >>> table(torch.tensor([2, 0]))
+        tensor([[3.],
+                [1.]])
     """
 
-    def __init__(
-        self, table: torch.Tensor, learnable: bool = True, context_features: int | None = None
-    ):
+    def __init__(self, table: torch.Tensor, learnable: bool = True):
         super().__init__()
+        table = torch.as_tensor(table)
         if table.dim() != 2:
             raise ValueError(f"ChartTable: table must have shape (K, p), got {tuple(table.shape)}")
         if learnable:
             self.table = nn.Parameter(table.clone())
         else:
             self.register_buffer("table", table.clone())
-        self.context_features = table.shape[0] if context_features is None else context_features
-        if self.context_features < table.shape[0]:
-            raise ValueError(
-                f"ChartTable: context_features ({self.context_features}) < number of charts "
-                f"({table.shape[0]})"
+        self.num_charts, self.out_features = table.shape
+
+    def forward(self, charts: torch.Tensor | None = None) -> torch.Tensor:
+        if charts is None:
+            return self.table
+        if not isinstance(charts, torch.Tensor) or charts.is_floating_point():
+            raise TypeError(
+                "ChartTable: index it by chart numbers (an integer tensor), got "
+                f"{getattr(charts, 'dtype', type(charts).__name__)}"
             )
-        self.out_features = table.shape[1]
+        return self.table[charts]
 
-    def forward(self, context: torch.Tensor) -> torch.Tensor:
-        check_features(context, self.context_features, "ChartTable", "one-hot context")
-        return context[..., : self.table.shape[0]] @ self.table
+    def extra_repr(self) -> str:
+        return f"charts={self.num_charts}, features={self.out_features}"
 
 
-def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    r"""A matrix with orthonormal columns from unconstrained parameters, as a product of
-    Householder reflections.
+class Conditional(ConditionalTransformModule):
+    r"""A layer whose parameters come from a context: ``condition(v)`` returns
+    ``layer.from_parameters(*args, params(v))``.
 
-    ``raw`` of shape :math:`(*, p)` with :math:`p = \sum_{j<k} (n - 1 - j)` fills the strictly
-    lower-triangular part of the :math:`n\times k` reflector matrix :math:`V` (unit diagonal
-    implied); reflector :math:`j` gets :math:`\tau_j = 2/|v_j|^2`, which makes it an exact
-    reflection. Returns :math:`-H_1\cdots H_k [I_k; 0]`, shape :math:`(*, n, k)`, which is
-    :math:`[I_k; 0]` at ``raw = 0``. Cost :math:`O(n k^2)`.
+    The layer declares its raw parameters (``layer.parameter_shapes(*args, **options)``); their
+    source is a shared-weight :class:`Hypernet` of the context (``context_features``,
+    ``hidden``) or a per-chart :class:`ChartTable` (``table``: a :math:`(K, p)` tensor of raw
+    values, a dict of them by name, or a ``ChartTable``).
+
+    Under a :class:`ChartContext` the parameters are computed for the :math:`K` charts once
+    and the layer is indexed by the rows' charts.
+
+    Arguments:
+        layer: a layer class with ``parameter_shapes`` and ``from_parameters`` (e.g.
+            :class:`~atlasdist.transforms.Shift`, :class:`~atlasdist.transforms.StiefelEmbedding`).
+        args: the layer's dimensions.
+        context_features: size :math:`c` of the context (hypernet source).
+        hidden: hidden sizes of the hypernet.
+        table: per-chart raw parameters (table source).
+        learnable: whether a table given as a tensor is learnable.
+        options: further keyword arguments of the layer (e.g. ``radius`` of a Möbius map).
+
+    Example:
+        >>> from atlasdist.transforms import Shift
+        >>> shift = Conditional(Shift, 3, context_features=4)
+        >>> shift.condition(torch.randn(8, 4))(torch.zeros(8, 3)).shape  # starts at zero
+        torch.Size([8, 3])
     """
-    rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
-    v = raw.new_zeros(raw.shape[:-1] + (rows, cols))
-    v[..., rows_idx, cols_idx] = raw
-    tau = 2 / (1 + v.pow(2).sum(-2))
-    eye = torch.eye(rows, cols, dtype=raw.dtype, device=raw.device)
-    return -torch.linalg.householder_product(v + eye, tau)
 
-
-def householder_stiefel_raw(w: torch.Tensor) -> torch.Tensor:
-    r"""Raw parameters whose :func:`householder_stiefel` spans the same column space as ``w``
-    (shape :math:`(*, n, k)`, full column rank): the Householder vectors of the QR
-    factorisation of ``w`` (LAPACK ``geqrf``). The columns may come out with other signs or
-    rotated within the span; use it to initialise a chart's orientation."""
-    a, _ = torch.geqrf(w)
-    rows, cols = torch.tril_indices(w.shape[-2], w.shape[-1], offset=-1, device=w.device)
-    return a[..., rows, cols]
-
-
-def _num_reflector_params(rows: int, cols: int) -> int:
-    return sum(rows - 1 - j for j in range(cols))
-
-
-class _ConditionalLayer(ConditionalTransformModule):
-    def __init__(self, context_features, num_params, hidden, hypernet=None):
+    def __init__(
+        self,
+        layer: type,
+        *args,
+        context_features: int | None = None,
+        hidden: Sequence[int] = (32,),
+        table=None,
+        learnable: bool = True,
+        **options,
+    ):
         super().__init__()
-        if hypernet is None:
-            hypernet = Hypernet(context_features, num_params, hidden)
-        elif getattr(hypernet, "out_features", num_params) != num_params:
+        self.layer, self.args, self.options = layer, args, options
+        self.shapes = dict(layer.parameter_shapes(*args, **options))
+        sizes = [math.prod(shape) for shape in self.shapes.values()]
+        self.sizes = sizes
+        total = sum(sizes)
+        if table is not None:
+            if isinstance(table, dict):
+                missing = set(self.shapes) ^ set(table)
+                if missing:
+                    raise ValueError(
+                        f"Conditional({layer.__name__}): table entries {sorted(table)} do not "
+                        f"match the parameters {sorted(self.shapes)}"
+                    )
+                table = torch.cat(
+                    [torch.as_tensor(table[k]).reshape(len(table[k]), -1) for k in self.shapes],
+                    -1,
+                )
+            source = table if isinstance(table, ChartTable) else ChartTable(table, learnable)
+        elif context_features is None:
             raise ValueError(
-                f"{type(self).__name__}: the hypernet gives {hypernet.out_features} parameters, "
-                f"the layer takes {num_params}"
+                f"Conditional({layer.__name__}): give context_features (a hypernet of the "
+                "context) or a per-chart table"
             )
-        self.hypernet = hypernet
+        else:
+            source = Hypernet(context_features, total, hidden)
+        if source.out_features != total:
+            raise ValueError(
+                f"Conditional({layer.__name__}): the source gives {source.out_features} "
+                f"parameters, the layer takes {total}"
+            )
+        self.source = source
 
     @property
-    def context_features(self) -> int:
-        return self.hypernet.context_features
+    def context_features(self) -> int | None:
+        """Size of the context (``None`` for a per-chart table, indexed by chart number)."""
+        return getattr(self.source, "context_features", None)
 
-
-class ConditionalShift(_ConditionalLayer):
-    r""":math:`x \mapsto x + b(v)`; ``condition(v)`` gives a :class:`Shift`."""
-
-    def __init__(
-        self,
-        features: int,
-        context_features: int,
-        hidden: Sequence[int] = (32,),
-        hypernet: nn.Module | None = None,
-    ):
-        super().__init__(context_features, features, hidden, hypernet)
-        self.features = features
-
-    def condition(self, context):
-        return Shift(self.features, shift=self.hypernet(context))
-
-
-class ConditionalScale(_ConditionalLayer):
-    r""":math:`x \mapsto e^{s(v)} x`; ``condition(v)`` gives a :class:`Scale`."""
-
-    def __init__(
-        self,
-        features: int,
-        context_features: int,
-        hidden: Sequence[int] = (32,),
-        hypernet: nn.Module | None = None,
-    ):
-        super().__init__(context_features, 1, hidden, hypernet)
-        self.features = features
+    def raw_parameters(self, context) -> dict[str, torch.Tensor]:
+        """The layer's raw parameters for ``context``, split by name: one row per context row,
+        or per chart under a :class:`ChartContext`."""
+        if isinstance(self.source, ChartTable):
+            flat = self.source() if isinstance(context, ChartContext) else self.source(context)
+        else:
+            flat = self.source(context.features if isinstance(context, ChartContext) else context)
+        parts = flat.split(self.sizes, -1)
+        return {
+            name: part.reshape(part.shape[:-1] + shape)
+            for (name, shape), part in zip(self.shapes.items(), parts, strict=True)
+        }
 
     def condition(self, context):
-        return Scale(self.features, log_scale=self.hypernet(context)[..., 0])
+        index = context.index if isinstance(context, ChartContext) else None
+        params = self.raw_parameters(context)
+        return self.layer.from_parameters(*self.args, params, index=index, **self.options)
+
+    def extra_repr(self) -> str:
+        return f"{self.layer.__name__}{tuple(self.args)}"
 
 
-class ConditionalOrthogonal(_ConditionalLayer):
-    r""":math:`x \mapsto Q(v) x` with :math:`Q(v)` orthogonal (:func:`householder_stiefel`);
-    ``condition(v)`` gives an :class:`Orthogonal`."""
+class ConditionalCompose(ConditionalTransformModule):
+    r"""Conditional composition: ``condition(v)`` conditions every conditional part and composes
+    the results (unconditional parts are used as they are) into a
+    :class:`~atlasdist.transforms.ConformalEmbedding` when every part is conformal, an
+    :class:`~atlasdist.transforms.InjectiveCompose` otherwise.
 
-    def __init__(
-        self,
-        features: int,
-        context_features: int,
-        hidden: Sequence[int] = (32,),
-        hypernet: nn.Module | None = None,
-    ):
-        super().__init__(
-            context_features, _num_reflector_params(features, features), hidden, hypernet
-        )
-        self.features = features
-
-    def condition(self, context):
-        q = householder_stiefel(self.hypernet(context), self.features, self.features)
-        return Orthogonal(self.features, weight=q)
-
-
-class ConditionalStiefelEmbedding(_ConditionalLayer):
-    r""":math:`u \mapsto W(v) u`, :math:`W(v)^\top W(v) = I_d` (:func:`householder_stiefel`);
-    ``condition(v)`` gives a :class:`StiefelEmbedding`."""
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        context_features: int,
-        hidden: Sequence[int] = (32,),
-        hypernet: nn.Module | None = None,
-    ):
-        if out_features < in_features:
-            raise ValueError(
-                f"an injective map needs in_features <= out_features, "
-                f"got d={in_features} > D={out_features}"
-            )
-        super().__init__(
-            context_features, _num_reflector_params(out_features, in_features), hidden, hypernet
-        )
-        self.in_features, self.out_features = in_features, out_features
-
-    def condition(self, context):
-        w = householder_stiefel(self.hypernet(context), self.out_features, self.in_features)
-        return StiefelEmbedding(self.in_features, self.out_features, weight=w)
-
-
-class ConditionalMobius(_ConditionalLayer):
-    r"""Special conformal transformation with :math:`b(v)`; ``condition(v)`` gives a
-    :class:`Mobius` (with ``radius``, :math:`|b(v)| < 1/R` for every context)."""
-
-    def __init__(
-        self,
-        features: int,
-        context_features: int,
-        radius: float | None = None,
-        hidden: Sequence[int] = (32,),
-        hypernet: nn.Module | None = None,
-    ):
-        super().__init__(context_features, features, hidden, hypernet)
-        self.features, self.radius = features, radius
-
-    def condition(self, context):
-        return Mobius(self.features, radius=self.radius, raw=self.hypernet(context))
-
-
-class ConditionalInverseStereographic(_ConditionalLayer):
-    r"""Inverse stereographic projection from the pole
-    :math:`p(v) = (e_{d+1} + r(v)) / |e_{d+1} + r(v)|`; ``condition(v)`` gives an
-    :class:`InverseStereographic`."""
-
-    def __init__(
-        self,
-        in_features: int,
-        context_features: int,
-        hidden: Sequence[int] = (32,),
-        hypernet: nn.Module | None = None,
-    ):
-        super().__init__(context_features, in_features + 1, hidden, hypernet)
-        self.in_features = in_features
-
-    def condition(self, context):
-        raw = self.hypernet(context)
-        north = torch.zeros_like(raw)
-        north[..., -1] = 1
-        pole = nn.functional.normalize(north + raw, dim=-1)
-        return InverseStereographic(self.in_features, pole=pole)
-
-
-class ConditionalInjectiveCompose(ConditionalTransformModule):
-    r"""Conditional composition: ``condition(v)`` conditions every conditional part and
-    returns an :class:`~atlasdist.transforms.InjectiveCompose` of the results (unconditional
-    parts are used as they are)."""
-
-    _compose = InjectiveCompose
+    Example:
+        >>> from atlasdist.transforms import Scale, Shift, StiefelEmbedding
+        >>> c = ConditionalCompose([
+        ...     Conditional(StiefelEmbedding, 2, 3, context_features=4),
+        ...     Conditional(Scale, 3, context_features=4),
+        ...     Conditional(Shift, 3, context_features=4)])
+        >>> v = torch.randn(8, 4)  # one chart centre per row
+        >>> c.condition(v)(torch.randn(8, 2)).shape
+        torch.Size([8, 3])
+    """
 
     def __init__(self, parts, in_features: int | None = None):
         super().__init__()
         self.parts = list(parts)
         self.in_features = in_features
         self.part_modules = nn.ModuleList([p for p in self.parts if isinstance(p, nn.Module)])
-        self._check_parts()
-
-    def _check_parts(self):
-        contexts = {p.context_features for p in self.parts if hasattr(p, "context_features")}
+        contexts = {p.context_features for p in self.parts if getattr(p, "context_features", None)}
         if len(contexts) > 1:
             raise ValueError(f"parts disagree on context_features: {sorted(contexts)}")
 
+    @property
+    def context_features(self) -> int | None:
+        sizes = [getattr(p, "context_features", None) for p in self.parts]
+        return next((c for c in sizes if c), None)
+
     def condition(self, context):
-        parts = [
-            p.condition(context) if isinstance(p, ConditionalTransformModule) else p
-            for p in self.parts
-        ]
-        return self._compose(parts, in_features=self.in_features)
+        parts = [condition(p, context) for p in self.parts]
+        compose = ConformalEmbedding if all(map(is_conformal, parts)) else InjectiveCompose
+        return compose(parts, in_features=self.in_features)
 
 
-class ConditionalConformalEmbedding(ConditionalInjectiveCompose):
-    r"""Conditional :class:`~atlasdist.transforms.ConformalEmbedding`.
+class ChartDenseNN(ConditionalDenseNN):
+    r"""Pyro's ``ConditionalDenseNN`` (an MLP of ``[context, x]``) that, under a
+    :class:`ChartContext`, computes the context part of its first layer once per chart,
+    :math:`W_c v_k + b` (:math:`K` rows), and gathers it for the rows: per row it only runs
+    :math:`W_x x` and the layers after the first. Same parameters, same values as the plain
+    network on ``context.rows()``."""
 
-    Example:
-        >>> c = ConditionalConformalEmbedding([
-        ...     ConditionalStiefelEmbedding(2, 3, context_features=4),
-        ...     ConditionalScale(3, context_features=4), ConditionalShift(3, context_features=4)])
-        >>> v = torch.randn(8, 4)  # one chart centre per row
-        >>> c.condition(v)(torch.randn(8, 2)).shape
-        torch.Size([8, 3])
+    def forward(self, x, context):
+        if not isinstance(context, ChartContext):
+            return super().forward(x, context)
+        first = self.layers[0]
+        c = self.context_dim
+        per_chart = nn.functional.linear(context.features, first.weight[:, :c], first.bias)
+        h = nn.functional.linear(x, first.weight[:, c:]) + per_chart[context.index]
+        for layer in self.layers[1:]:
+            h = layer(self.f(h))
+        if self.output_multiplier == 1 or self.count_params == 1:
+            return h
+        return tuple(h[..., s] for s in self.param_slices)
+
+
+def chart_affine_coupling(
+    features: int, context_features: int, hidden: Sequence[int] = (64, 64)
+) -> pyro_t.ConditionalAffineCoupling:
+    r"""Pyro's conditional affine coupling on :math:`\mathbb{R}^d` with a :class:`ChartDenseNN`
+    (same map as ``pyro.distributions.transforms.conditional_affine_coupling``)."""
+    split = features // 2
+    net = ChartDenseNN(split, context_features, list(hidden), [features - split, features - split])
+    return pyro_t.ConditionalAffineCoupling(split, net)
+
+
+class ChartSpline(ConditionalSpline):
+    r"""Pyro's conditional elementwise rational spline, whose parameters depend on the context
+    only: under a :class:`ChartContext` they are computed once per chart and gathered for the
+    rows.
+
+    Arguments:
+        features: :math:`d`.
+        context_features: size of the chart features.
+        hidden: hidden sizes of the parameter network.
+        count_bins: spline segments; bound: the spline is the identity outside
+            :math:`[-B, B]`.
     """
 
-    _compose = ConformalEmbedding
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        hidden: Sequence[int] = (64, 64),
+        count_bins: int = 8,
+        bound: float = 3.0,
+    ):
+        if count_bins == features:
+            count_bins += 1  # Pyro's spline misreads its parameter shapes when bins == d
+        net = DenseNN(
+            context_features,
+            list(hidden),
+            param_dims=[features * count_bins] * 2
+            + [features * (count_bins - 1), features * count_bins],
+        )
+        super().__init__(net, features, count_bins, bound=bound, order="linear")
+        self.context_features = context_features
+
+    def condition(self, context):
+        if not isinstance(context, ChartContext):
+            return super().condition(context)
+        per_chart = self._params(context.features)
+        return ConditionedSpline(
+            tuple(p[context.index] for p in per_chart), bound=self.bound, order=self.order
+        )

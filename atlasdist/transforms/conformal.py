@@ -1,9 +1,19 @@
 r"""Conformal layers: :math:`J^\top J = \lambda(x)^2 I` with a closed-form :math:`\lambda`.
 
 Each layer holds its parameters either as learnable ``nn.Parameter`` (the default) or as
-given tensors with leading batch dimensions (what the chart-conditioned layers of
-:mod:`atlasdist.transforms.conditional` produce, one parameter set per context row). In the
-batched case a parameter of shape :math:`(B, \dots)` meets inputs of shape :math:`(*, B, n)`.
+given tensors with leading batch dimensions, one parameter set per row: a parameter of shape
+:math:`(B, \dots)` meets inputs of shape :math:`(*, B, n)`.
+
+**Conditioning.** A layer that can be conditioned declares the shapes of its raw parameters
+(``parameter_shapes``) and builds itself from a batch of them (``from_parameters``), where
+the raw value 0 gives a fixed map (the identity, :math:`[I_d; 0]`, the north pole). One
+wrapper, :class:`~atlasdist.transforms.Conditional`, produces the raw parameters from a
+context. Inside an atlas the parameters are computed once per chart (:math:`K` rows) and
+``index`` (shape :math:`(B,)`) says which chart each input row uses; cheap parameters are
+gathered by it, frames are applied by it (:func:`~atlasdist.transforms.indexed_matvec`).
+
+**Conformality** is a property a layer provides: ``conformal = True`` and
+``log_conformal_factor`` (:class:`~atlasdist.transforms.ConformalTransform`).
 
 References:
     Ross & Cresswell, *Tractable density estimation on learned manifolds with conformal
@@ -19,7 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from .._checks import check_features, validation_enabled
-from .injective import ConformalTransform, EventTransform, InjectiveCompose, InjectiveTransform
+from .indexed import indexed_matvec
+from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
 __all__ = [
     "ZeroPad",
@@ -30,6 +41,9 @@ __all__ = [
     "Mobius",
     "InverseStereographic",
     "ConformalEmbedding",
+    "householder_stiefel",
+    "householder_stiefel_raw",
+    "reflect_to",
 ]
 
 
@@ -63,19 +77,41 @@ def _batch_log_factor(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return value.expand(torch.broadcast_shapes(value.shape, x.shape[:-1]))
 
 
-class _Bijective(EventTransform):
-    """A bijection of R^n (event_dim 1)."""
+def _rows(value: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Per-chart parameters (K, ...) gathered for the rows (B, ...) that use them."""
+    return value if index is None else value[index]
 
-    bijective = True
 
-    def __init__(self, features: int):
-        if int(features) < 1:
-            raise ValueError(f"features must be >= 1, got {features}")
-        super().__init__(cache_size=0)
-        self.in_features = self.out_features = int(features)
+def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    r"""A matrix with orthonormal columns from unconstrained parameters, as a product of
+    Householder reflections.
 
-    def extra_repr(self) -> str:
-        return f"features={self.in_features}"
+    ``raw`` of shape :math:`(*, p)` with :math:`p = \sum_{j<k} (n - 1 - j)` fills the strictly
+    lower-triangular part of the :math:`n\times k` reflector matrix :math:`V` (unit diagonal
+    implied); reflector :math:`j` gets :math:`\tau_j = 2/|v_j|^2`, which makes it an exact
+    reflection. Returns :math:`-H_1\cdots H_k [I_k; 0]`, shape :math:`(*, n, k)`, which is
+    :math:`[I_k; 0]` at ``raw = 0``. Cost :math:`O(n k^2)`.
+    """
+    rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
+    v = raw.new_zeros(raw.shape[:-1] + (rows, cols))
+    v[..., rows_idx, cols_idx] = raw
+    tau = 2 / (1 + v.pow(2).sum(-2))
+    eye = torch.eye(rows, cols, dtype=raw.dtype, device=raw.device)
+    return -torch.linalg.householder_product(v + eye, tau)
+
+
+def householder_stiefel_raw(w: torch.Tensor) -> torch.Tensor:
+    r"""Raw parameters whose :func:`householder_stiefel` spans the same column space as ``w``
+    (shape :math:`(*, n, k)`, full column rank): the Householder vectors of the QR
+    factorisation of ``w`` (LAPACK ``geqrf``). The columns may come out with other signs or
+    rotated within the span; use it to initialise a chart's orientation."""
+    a, _ = torch.geqrf(w)
+    rows, cols = torch.tril_indices(w.shape[-2], w.shape[-1], offset=-1, device=w.device)
+    return a[..., rows, cols]
+
+
+def _num_reflector_params(rows: int, cols: int) -> int:
+    return sum(rows - 1 - j for j in range(cols))
 
 
 def _orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
@@ -89,37 +125,7 @@ def _orthogonal_linear(in_features: int, out_features: int) -> nn.Linear:
     )
 
 
-class _LinearIsometry(ConformalTransform):
-    """Shared by the linear isometries x -> W x (W^T W = I, lambda = 1): a learnable W through
-    torch's orthogonal parametrization, or a given (batched) W."""
-
-    def _init_weight(self, weight: torch.Tensor | None) -> None:
-        if weight is None:
-            self.linear = _orthogonal_linear(self.in_features, self.out_features)
-            self._weight = None
-            return
-        if weight.shape[-2:] != (self.out_features, self.in_features):
-            raise ValueError(
-                f"{type(self).__name__}: weight must have shape (*, {self.out_features}, "
-                f"{self.in_features}), got {tuple(weight.shape)}"
-            )
-        store(self, "_weight", weight)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.linear.weight if self._weight is None else self._weight
-
-    def _call(self, x):
-        return matvec(self.weight, x)
-
-    def _inverse(self, y):
-        return rmatvec(self.weight, y)
-
-    def log_conformal_factor(self, x, y):
-        return x.new_zeros(x.shape[:-1])
-
-
-class ZeroPad(InjectiveTransform, ConformalTransform):
+class ZeroPad(InjectiveTransform):
     r"""Zero padding :math:`u \mapsto (u, 0) \in \mathbb{R}^D`, :math:`\lambda = 1`.
 
     Left inverse: :math:`y \mapsto y_{1:d}`, the orthogonal projection onto the image
@@ -129,6 +135,8 @@ class ZeroPad(InjectiveTransform, ConformalTransform):
         >>> ZeroPad(2, 3)(torch.tensor([1.0, 2.0]))
         tensor([1., 2., 0.])
     """
+
+    conformal = True
 
     def _call(self, x):
         return nn.functional.pad(x, (0, self.out_features - self.in_features))
@@ -140,7 +148,7 @@ class ZeroPad(InjectiveTransform, ConformalTransform):
         return x.new_zeros(x.shape[:-1])
 
 
-class StiefelEmbedding(_LinearIsometry, InjectiveTransform):
+class StiefelEmbedding(InjectiveTransform):
     r"""Linear isometric embedding :math:`u \mapsto W u`, :math:`W \in \mathbb{R}^{D\times d}`,
     :math:`W^\top W = I_d`, :math:`\lambda = 1`.
 
@@ -149,11 +157,17 @@ class StiefelEmbedding(_LinearIsometry, InjectiveTransform):
     :math:`y \mapsto W^\top y`, the orthogonal projection onto the column space read in
     coordinates. Cost :math:`O(Dd)` per point.
 
+    Conditioned (:class:`~atlasdist.transforms.Conditional`): the raw parameters are the
+    :math:`p = \sum_{j<d}(D-1-j)` Householder entries of :func:`householder_stiefel`, one frame
+    per chart, applied by chart index without a per-row copy of the frame.
+
     Arguments:
         in_features: :math:`d`.
         out_features: :math:`D`.
         weight: optional fixed :math:`W` of shape :math:`(*B, D, d)` with orthonormal columns;
             learnable when omitted.
+        index: optional chart of each input row, shape :math:`(B,)`, with ``weight`` of shape
+            :math:`(K, D, d)` (one frame per chart).
 
     Example:
         >>> f = StiefelEmbedding(2, 5)
@@ -161,25 +175,93 @@ class StiefelEmbedding(_LinearIsometry, InjectiveTransform):
         True
     """
 
-    def __init__(self, in_features: int, out_features: int, weight: torch.Tensor | None = None):
+    conformal = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+    ):
         super().__init__(in_features, out_features)
-        self._init_weight(weight)
+        self.index = index
+        if weight is None:
+            self.linear = _orthogonal_linear(self.in_features, self.out_features)
+            self._weight = None
+            return
+        if weight.shape[-2:] != (self.out_features, self.in_features):
+            raise ValueError(
+                f"{self.name}: weight must have shape (*, {self.out_features}, "
+                f"{self.in_features}), got {tuple(weight.shape)}"
+            )
+        if index is not None and weight.dim() != 3:
+            raise ValueError(
+                f"{self.name}: with an index, weight must have shape (K, {self.out_features}, "
+                f"{self.in_features}), got {tuple(weight.shape)}"
+            )
+        store(self, "_weight", weight)
+
+    @staticmethod
+    def parameter_shapes(in_features: int, out_features: int) -> dict:
+        if not 1 <= in_features <= out_features:
+            raise ValueError(
+                f"an injective map needs 1 <= in_features <= out_features, "
+                f"got d={in_features}, D={out_features}"
+            )
+        return {"raw": (_num_reflector_params(out_features, in_features),)}
+
+    @classmethod
+    def from_parameters(cls, in_features, out_features, params, index=None):
+        weight = householder_stiefel(params["raw"], out_features, in_features)
+        return cls(in_features, out_features, weight=weight, index=index)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.linear.weight if self._weight is None else self._weight
+
+    def _call(self, x):
+        if self.index is not None:
+            return indexed_matvec(self.weight, self.index, x)
+        return matvec(self.weight, x)
+
+    def _inverse(self, y):
+        if self.index is not None:
+            return indexed_matvec(self.weight, self.index, y, transpose=True)
+        return rmatvec(self.weight, y)
+
+    def log_conformal_factor(self, x, y):
+        return x.new_zeros(x.shape[:-1])
 
 
-class Orthogonal(_LinearIsometry, _Bijective):
+class Orthogonal(StiefelEmbedding):
     r"""Orthogonal map :math:`x \mapsto Q x` of :math:`\mathbb{R}^D`, :math:`Q^\top Q = I`,
-    :math:`\lambda = 1`; inverse :math:`Q^\top y`.
+    :math:`\lambda = 1`; inverse :math:`Q^\top y` (the square case of
+    :class:`StiefelEmbedding`).
 
     Learnable through torch's ``parametrizations.orthogonal``, or fixed ``weight`` of shape
     :math:`(*B, D, D)`. Cost :math:`O(D^2)` per point.
     """
 
-    def __init__(self, features: int, weight: torch.Tensor | None = None):
-        super().__init__(features)
-        self._init_weight(weight)
+    def __init__(
+        self, features: int, weight: torch.Tensor | None = None, index: torch.Tensor | None = None
+    ):
+        super().__init__(features, features, weight=weight, index=index)
+
+    @staticmethod
+    def parameter_shapes(features: int) -> dict:
+        return {"raw": (_num_reflector_params(features, features),)}
+
+    @classmethod
+    def from_parameters(cls, features, params, index=None):
+        weight = householder_stiefel(params["raw"], features, features)
+        return cls(features, weight=weight, index=index)
+
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}"
 
 
-class Scale(_Bijective, ConformalTransform):
+class Scale(InjectiveTransform):
     r"""Scaling :math:`x \mapsto e^{s} x`, :math:`\lambda = e^{s}`.
 
     Arguments:
@@ -188,14 +270,24 @@ class Scale(_Bijective, ConformalTransform):
         log_scale: optional fixed :math:`s` of shape :math:`(*B,)`; learnable when omitted.
     """
 
+    conformal = True
+
     def __init__(self, features: int, init: float = 1.0, log_scale: torch.Tensor | None = None):
-        super().__init__(features)
+        super().__init__(features, features)
         if log_scale is None:
             if not init > 0:
                 raise ValueError(f"Scale: init must be > 0, got {init}")
             self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
         else:
             store(self, "log_scale", log_scale)
+
+    @staticmethod
+    def parameter_shapes(features: int) -> dict:
+        return {"log_scale": (1,)}
+
+    @classmethod
+    def from_parameters(cls, features, params, index=None):
+        return cls(features, log_scale=_rows(params["log_scale"][..., 0], index))
 
     def _call(self, x):
         return x * self.log_scale.exp().unsqueeze(-1)
@@ -206,8 +298,11 @@ class Scale(_Bijective, ConformalTransform):
     def log_conformal_factor(self, x, y):
         return _batch_log_factor(self.log_scale.to(x.dtype), x)
 
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}"
 
-class Shift(_Bijective, ConformalTransform):
+
+class Shift(InjectiveTransform):
     r"""Translation :math:`x \mapsto x + b`, :math:`\lambda = 1`.
 
     Arguments:
@@ -216,13 +311,23 @@ class Shift(_Bijective, ConformalTransform):
             omitted.
     """
 
+    conformal = True
+
     def __init__(self, features: int, shift: torch.Tensor | None = None):
-        super().__init__(features)
+        super().__init__(features, features)
         if shift is None:
             self.shift = nn.Parameter(torch.zeros(features))
         else:
             check_features(shift, features, "Shift", "shift")
             store(self, "shift", shift)
+
+    @staticmethod
+    def parameter_shapes(features: int) -> dict:
+        return {"shift": (features,)}
+
+    @classmethod
+    def from_parameters(cls, features, params, index=None):
+        return cls(features, shift=_rows(params["shift"], index))
 
     def _call(self, x):
         return x + self.shift
@@ -233,8 +338,11 @@ class Shift(_Bijective, ConformalTransform):
     def log_conformal_factor(self, x, y):
         return x.new_zeros(torch.broadcast_shapes(x.shape, self.shift.shape)[:-1])
 
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}"
 
-class Mobius(_Bijective, ConformalTransform):
+
+class Mobius(InjectiveTransform):
     r"""Special conformal transformation (Möbius map without rotation, scale or shift)
 
     .. math::
@@ -261,10 +369,12 @@ class Mobius(_Bijective, ConformalTransform):
             the identity) when omitted.
     """
 
+    conformal = True
+
     def __init__(
         self, features: int, radius: float | None = None, raw: torch.Tensor | None = None
     ):
-        super().__init__(features)
+        super().__init__(features, features)
         if radius is not None and not radius > 0:
             raise ValueError(f"Mobius: radius must be > 0, got {radius}")
         self.radius = None if radius is None else float(radius)
@@ -273,6 +383,14 @@ class Mobius(_Bijective, ConformalTransform):
         else:
             check_features(raw, features, "Mobius", "raw parameter")
             store(self, "raw", raw)
+
+    @staticmethod
+    def parameter_shapes(features: int, radius: float | None = None) -> dict:
+        return {"raw": (features,)}
+
+    @classmethod
+    def from_parameters(cls, features, params, index=None, radius=None):
+        return cls(features, radius=radius, raw=_rows(params["raw"], index))
 
     @property
     def b(self) -> torch.Tensor:
@@ -340,23 +458,36 @@ class Mobius(_Bijective, ConformalTransform):
         return f"features={self.in_features}, radius={self.radius}"
 
 
+def _reflection_vector(pole: torch.Tensor):
+    # w = e_n - p and 2/|w|^2 (0 for p = e_n, where the reflection is the identity; the
+    # where keeps gradients finite there).
+    w = -pole.clone()
+    w[..., -1] += 1
+    w2 = w.pow(2).sum(-1, keepdim=True)
+    safe = w2 > 0
+    coef = torch.where(safe, 2 / torch.where(safe, w2, torch.ones_like(w2)), torch.zeros_like(w2))
+    return w, coef
+
+
 def householder_to(pole: torch.Tensor) -> torch.Tensor:
     r"""The reflection :math:`H = I - 2ww^\top/|w|^2`, :math:`w = e_n - p`, with
     :math:`H e_n = p` (the identity when :math:`p = e_n`); :math:`H` is symmetric and its own
     inverse. ``pole`` has shape :math:`(*B, n)` and unit norm; returns :math:`(*B, n, n)`."""
     n = pole.shape[-1]
-    e = torch.zeros_like(pole)
-    e[..., -1] = 1
-    w = e - pole
-    w2 = w.pow(2).sum(-1, keepdim=True)
-    # For p = e_n (w = 0) the reflection is the identity; the where keeps gradients finite.
-    safe = w2 > 0
-    coef = torch.where(safe, 2 / torch.where(safe, w2, torch.ones_like(w2)), torch.zeros_like(w2))
+    w, coef = _reflection_vector(pole)
     eye = torch.eye(n, dtype=pole.dtype, device=pole.device)
     return eye - coef.unsqueeze(-1) * w.unsqueeze(-1) * w.unsqueeze(-2)
 
 
-class InverseStereographic(InjectiveTransform, ConformalTransform):
+def reflect_to(pole: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    r""":math:`H y` for :math:`H` = :func:`householder_to` ``(pole)``, as a rank-one update
+    (cost :math:`O(n)` per row, no :math:`n \times n` matrix); ``pole`` :math:`(*B, n)`,
+    ``y`` :math:`(*, *B, n)`."""
+    w, coef = _reflection_vector(pole.to(y.dtype))
+    return y - (coef * (w * y).sum(-1, keepdim=True)) * w
+
+
+class InverseStereographic(InjectiveTransform):
     r"""Inverse stereographic projection :math:`\mathbb{R}^d \to S^d \subset \mathbb{R}^{d+1}`
     from the pole :math:`p`:
 
@@ -371,6 +502,9 @@ class InverseStereographic(InjectiveTransform, ConformalTransform):
     :math:`y \mapsto y/|y|` onto the sphere (so points off the sphere are first pulled
     radially onto it); the pole itself has no preimage and raises under validation.
 
+    Conditioned (:class:`~atlasdist.transforms.Conditional`): the raw parameter :math:`r`
+    gives the pole :math:`p = (e_{d+1} + r)/|e_{d+1} + r|`.
+
     Arguments:
         in_features: :math:`d`.
         pole: unit vector of shape :math:`(*B, d+1)`; default the north pole
@@ -381,6 +515,8 @@ class InverseStereographic(InjectiveTransform, ConformalTransform):
         >>> f(torch.tensor([1.0]))  # (2u, u^2 - 1) / (u^2 + 1)
         tensor([1., 0.])
     """
+
+    conformal = True
 
     def __init__(self, in_features: int, pole: torch.Tensor | None = None):
         super().__init__(in_features, in_features + 1)
@@ -399,16 +535,25 @@ class InverseStereographic(InjectiveTransform, ConformalTransform):
                     )
             store(self, "pole", pole)
 
-    def _reflection(self, like):
-        return householder_to(self.pole.to(like.dtype))
+    @staticmethod
+    def parameter_shapes(in_features: int) -> dict:
+        return {"pole": (in_features + 1,)}
+
+    @classmethod
+    def from_parameters(cls, in_features, params, index=None):
+        raw = params["pole"]
+        north = torch.zeros_like(raw)
+        north[..., -1] = 1
+        pole = nn.functional.normalize(north + raw, dim=-1)
+        return cls(in_features, pole=_rows(pole, index))
 
     def _call(self, x):
         r2 = x.pow(2).sum(-1, keepdim=True)
         z = torch.cat([2 * x, r2 - 1], -1) / (r2 + 1)
-        return matvec(self._reflection(x), z)
+        return reflect_to(self.pole, z)
 
     def _inverse(self, y):
-        z = matvec(self._reflection(y), y)
+        z = reflect_to(self.pole, y)
         z = z / z.norm(dim=-1, keepdim=True)
         denom = 1 - z[..., -1:]
         if validation_enabled() and bool((denom <= 0).any()):
@@ -424,7 +569,7 @@ class InverseStereographic(InjectiveTransform, ConformalTransform):
         return math.log(2) - torch.log1p(x.pow(2).sum(-1))
 
 
-class ConformalEmbedding(InjectiveCompose, ConformalTransform):
+class ConformalEmbedding(InjectiveCompose):
     r"""A composition of conformal layers, :math:`c = c_n \circ \dots \circ c_1`, with the
     running conformal factor :math:`\lambda = \prod_i \lambda_i` and volume term
     :math:`d\log\lambda`.
@@ -440,10 +585,12 @@ class ConformalEmbedding(InjectiveCompose, ConformalTransform):
         (torch.Size([4, 3]), torch.Size([4]))
     """
 
+    conformal = True
+
     def __init__(self, parts, in_features: int | None = None):
         parts = list(parts)
         for i, part in enumerate(parts):
-            if not isinstance(part, ConformalTransform):
+            if not is_conformal(part):
                 raise TypeError(
                     f"ConformalEmbedding: part {i} ({type(part).__name__}) is not "
                     "a ConformalTransform"

@@ -18,6 +18,7 @@ __all__ = [
     "EventTransform",
     "InjectiveTransform",
     "ConformalTransform",
+    "is_conformal",
     "InjectiveCompose",
     "compose",
 ]
@@ -78,10 +79,11 @@ class EventTransform(TransformModule):
 
 
 class InjectiveTransform(EventTransform):
-    r"""Base class of injective maps :math:`f: \mathbb{R}^d \to \mathbb{R}^D`, :math:`d \le D`.
+    r"""Base class of injective maps :math:`f: \mathbb{R}^d \to \mathbb{R}^D`, :math:`d \le D`
+    (bijections of :math:`\mathbb{R}^d` when :math:`d = D`).
 
-    A :class:`torch.distributions.Transform` with ``event_dim`` 1 on both sides and
-    ``bijective = False``:
+    A :class:`torch.distributions.Transform` with ``event_dim`` 1 on both sides,
+    ``bijective`` when :math:`d = D`:
 
     - ``f(x)`` maps :math:`(*, d) \to (*, D)`;
     - ``f.inv(y)`` is a left inverse :math:`f^\dagger` with :math:`f^\dagger(f(x)) = x`; off the
@@ -93,12 +95,17 @@ class InjectiveTransform(EventTransform):
     returns both in one pass. Shapes are always checked; values (NaN, domains) are checked while
     ``torch.distributions.Distribution`` validation is on.
 
+    **Conformal layers** (:math:`J^\top J = \lambda(x)^2 I`) set ``conformal = True`` and
+    implement ``log_conformal_factor(x, y)`` (:math:`\log\lambda(x)`, shape :math:`(*)`); their
+    log-det is then :math:`d \log\lambda`, the full log-det for a bijection of
+    :math:`\mathbb{R}^d` and the volume term for an injection.
+
     Arguments:
         in_features: :math:`d`.
         out_features: :math:`D \ge d`.
     """
 
-    bijective = False
+    conformal = False
 
     def __init__(self, in_features: int, out_features: int, cache_size: int = 0):
         if int(in_features) < 1:
@@ -112,22 +119,37 @@ class InjectiveTransform(EventTransform):
         self.in_features = int(in_features)
         self.out_features = int(out_features)
 
-
-class ConformalTransform(Transform):
-    r"""Mixin for conformal maps: :math:`J^\top J = \lambda(x)^2 I`.
-
-    Subclasses implement ``log_conformal_factor(x, y)`` (:math:`\log\lambda(x)`, shape
-    :math:`(*)`). The log-det is :math:`n \log\lambda` with :math:`n` the input dimension: the
-    full log-det for a bijection of :math:`\mathbb{R}^n`, the volume term for an injection. A
-    conformal map applied after an injection scales :math:`d`-dimensional volume by
-    :math:`\lambda^d`, whatever the ambient dimension; :class:`InjectiveCompose` relies on this.
-    """
+    @property
+    def bijective(self) -> bool:
+        return self.in_features == self.out_features
 
     def log_conformal_factor(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError  # abstract
+        raise NotImplementedError(f"{self.name} is not conformal")
 
     def log_abs_det_jacobian(self, x, y):
+        if not self.conformal:
+            raise NotImplementedError  # abstract
         return x.shape[-1] * self.log_conformal_factor(x, y)
+
+
+def is_conformal(part) -> bool:
+    """Whether a transform is conformal, i.e. provides ``log_conformal_factor``."""
+    return bool(getattr(part, "conformal", False))
+
+
+class _ConformalCheck(type):
+    def __instancecheck__(cls, instance) -> bool:
+        return is_conformal(instance)
+
+
+class ConformalTransform(metaclass=_ConformalCheck):
+    r"""The conformal maps, :math:`J^\top J = \lambda(x)^2 I`: a property a layer provides
+    (``conformal = True`` and ``log_conformal_factor``), not a base class. ``isinstance(f,
+    ConformalTransform)`` is :func:`is_conformal` ``(f)``.
+
+    A conformal map applied after an injection scales :math:`d`-dimensional volume by
+    :math:`\lambda^d`, whatever the ambient dimension; :class:`InjectiveCompose` relies on this.
+    """
 
 
 def _is_injective(part: Transform) -> bool:
@@ -140,7 +162,7 @@ class InjectiveCompose(InjectiveTransform):
     Parts before the first dimension-raising part are bijections of :math:`\mathbb{R}^d`
     (any torch or Pyro transform: elementwise or ``event_dim`` 1); they contribute their own
     log-det. From the first dimension-raising part on, every later part must be a
-    :class:`ConformalTransform` (or a conformal composition): its contribution is
+    conformal layer (:func:`is_conformal`, or a conformal composition): its contribution is
     :math:`d \log\lambda`, not its full :math:`D`-dimensional log-det. This is where torch's
     ``ComposeTransform`` goes wrong for shape-changing parts: it would add :math:`D\log\lambda`.
     A non-conformal map after an injection has no product formula and is rejected (use
@@ -185,14 +207,14 @@ class InjectiveCompose(InjectiveTransform):
                         f"part {i} ({part.name}) takes {part.in_features} features, "
                         f"the previous part gives {features}"
                     )
-                if raised and not isinstance(part, ConformalTransform):
+                if raised and not is_conformal(part):
                     raise TypeError(
                         f"part {i} ({part.name}) is injective but not conformal and comes after "
                         "a dimension-raising part: its volume term does not compose in closed form"
                     )
                 features = part.out_features
                 raised = raised or part.in_features < part.out_features
-            elif raised and not isinstance(part, ConformalTransform):
+            elif raised and not is_conformal(part):
                 raise TypeError(
                     f"part {i} ({type(part).__name__}) comes after a dimension-raising part but "
                     "is not a ConformalTransform: the d-dimensional volume term of a general "
