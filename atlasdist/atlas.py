@@ -22,6 +22,7 @@ from .charts.specs import (
     as_charts,
 )
 from .distributions.atlas import AtlasFlowDistribution
+from .lazy import LazyDistribution
 from .transforms import ChartSpline, chart_affine_coupling
 
 __all__ = ["AtlasFlow", "default_latent_flow"]
@@ -49,7 +50,7 @@ def default_latent_flow(
     return parts
 
 
-class AtlasFlow(nn.Module):
+class AtlasFlow(LazyDistribution):
     r"""An atlas of :math:`K` injective flows :math:`g_k = c_k \circ h_k: \mathbb{R}^d \to
     \mathbb{R}^D` with shared weights; calling the module (or ``flow()``) returns the
     :class:`~atlasdist.distributions.AtlasFlowDistribution`.
@@ -285,9 +286,16 @@ class AtlasFlow(nn.Module):
         loc = self._base_loc
         return Independent(Normal(loc, torch.ones_like(loc)), 1)
 
-    def flow(self, noise_scale: float | None = ..., validate_args: bool | None = None):
+    def forward(
+        self,
+        c: torch.Tensor | None = None,
+        *,
+        noise_scale: float | None = ...,
+        validate_args: bool | None = None,
+    ) -> AtlasFlowDistribution:
         """The distribution with the current parameters (``noise_scale`` overrides the
-        module's)."""
+        module's); ``flow(...)`` is an alias."""
+        self._no_context(c)
         return AtlasFlowDistribution(
             self.base_distribution(),
             self.flow_parts,
@@ -300,7 +308,3 @@ class AtlasFlow(nn.Module):
             noise_scale=self.noise_scale if noise_scale is ... else noise_scale,
             validate_args=validate_args,
         )
-
-    def forward(self) -> AtlasFlowDistribution:
-        """The distribution with the current parameters (the lazy-distribution contract)."""
-        return self.flow()

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from atlasdist.transforms import (
+    ChartSpline,
     Conditional,
     ConditionalCompose,
     ConformalEmbedding,
@@ -16,6 +17,7 @@ from atlasdist.transforms import (
     Mobius,
     Orthogonal,
     ProductEmbedding,
+    RationalQuadraticSpline,
     Scale,
     Shift,
     StiefelEmbedding,
@@ -115,13 +117,25 @@ CASES = {
         3,
         g,
     ),
+    # bound 1.5 < INPUT_RADIUS: inputs inside and outside the spline's interval
+    "RationalQuadraticSpline": lambda d, D, g: RationalQuadraticSpline.from_parameters(
+        torch.randn(1, d, 5, generator=g, dtype=torch.float64),
+        torch.randn(1, d, 5, generator=g, dtype=torch.float64),
+        torch.randn(1, d, 4, generator=g, dtype=torch.float64),
+        bound=1.5,
+    ),
+    "conditioned ChartSpline": lambda d, D, g: _conditioned(
+        ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=1.5), 3, g
+    ),
     "conditioned InverseStereographic": lambda d, D, g: _conditioned(
         Conditional(InverseStereographic, d, context_features=2), 2, g
     ),
 }
 
 CONFORMAL = {
-    name for name in CASES if not name.startswith(("ProductEmbedding", "InjectiveCompose"))
+    name
+    for name in CASES
+    if not name.startswith(("ProductEmbedding", "InjectiveCompose")) and "Spline" not in name
 }
 
 

@@ -25,7 +25,7 @@ from .conformal import (
     householder_to,
     reflect_to,
 )
-from .indexed import indexed_matvec
+from .indexed import indexed_matvec, tile_plan
 from .injective import (
     ConformalTransform,
     EventTransform,
@@ -44,6 +44,7 @@ from .sphere import (
     sphere_tolerance,
     unit_sphere,
 )
+from .spline import RationalQuadraticSpline, spline_knots
 
 __all__ = [
     "EventTransform",
@@ -63,6 +64,7 @@ __all__ = [
     "householder_to",
     "reflect_to",
     "indexed_matvec",
+    "tile_plan",
     "ProductEmbedding",
     "NormalizedTranslation",
     "NormalizedLinear",
@@ -76,6 +78,8 @@ __all__ = [
     "sphere_projection",
     "simplex_projection",
     "qr_parametrized",
+    "RationalQuadraticSpline",
+    "spline_knots",
     "ChartContext",
     "Hypernet",
     "ChartTable",

@@ -15,9 +15,9 @@ Contexts:
   chart of each input row. Everything that depends only on the chart is computed once per
   chart and gathered by index (frames are applied by index without a per-row copy).
 
-The latent flows of an atlas are Pyro conditional transforms; :class:`ChartDenseNN` and
-:class:`ChartSpline` are their chart-aware versions (the context part of a coupling network's
-first layer, and all of a spline's parameters, computed once per chart).
+The latent flows of an atlas are Pyro conditional transforms; :class:`ChartDenseNN` (in a
+Pyro affine coupling) and :class:`ChartSpline` are chart-aware (the context part of a coupling
+network's first layer, and all of a spline's knots, computed once per chart).
 """
 
 from __future__ import annotations
@@ -29,13 +29,13 @@ from dataclasses import dataclass
 import pyro.distributions.transforms as pyro_t
 import torch
 from pyro.distributions.conditional import ConditionalTransform, ConditionalTransformModule
-from pyro.distributions.transforms.spline import ConditionalSpline, ConditionedSpline
 from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import nn
 
 from .._checks import check_features
 from .conformal import ConformalEmbedding
 from .injective import InjectiveCompose, is_conformal
+from .spline import RationalQuadraticSpline, spline_knots
 
 __all__ = [
     "ChartContext",
@@ -66,7 +66,7 @@ class ChartContext:
     def rows(self) -> torch.Tensor:
         r"""The features of each row's chart, :math:`(B, c)`: for conditional transforms that
         do not know charts (any Pyro ``ConditionalTransform``)."""
-        return self.features[self.index]
+        return self.features.index_select(0, self.index)
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -306,7 +306,7 @@ class ChartDenseNN(ConditionalDenseNN):
         first = self.layers[0]
         c = self.context_dim
         per_chart = nn.functional.linear(context.features, first.weight[:, :c], first.bias)
-        h = nn.functional.linear(x, first.weight[:, c:]) + per_chart[context.index]
+        h = nn.functional.linear(x, first.weight[:, c:]) + per_chart.index_select(0, context.index)
         for layer in self.layers[1:]:
             h = layer(self.f(h))
         if self.output_multiplier == 1 or self.count_params == 1:
@@ -324,17 +324,18 @@ def chart_affine_coupling(
     return pyro_t.ConditionalAffineCoupling(split, net)
 
 
-class ChartSpline(ConditionalSpline):
-    r"""Pyro's conditional elementwise rational spline, whose parameters depend on the context
-    only: under a :class:`ChartContext` they are computed once per chart and gathered for the
-    rows.
+class ChartSpline(ConditionalTransformModule):
+    r"""Conditional elementwise rational-quadratic spline
+    (:class:`~atlasdist.transforms.RationalQuadraticSpline`) whose knots are an MLP of the
+    context: under a :class:`ChartContext` they are computed once per chart and looked up by
+    chart index.
 
     Arguments:
         features: :math:`d`.
         context_features: size of the chart features.
-        hidden: hidden sizes of the parameter network.
-        count_bins: spline segments; bound: the spline is the identity outside
-            :math:`[-B, B]`.
+        hidden: hidden sizes of the knot network.
+        count_bins: spline segments :math:`S`.
+        bound: the spline is the identity outside :math:`[-B, B]`.
     """
 
     def __init__(
@@ -345,21 +346,36 @@ class ChartSpline(ConditionalSpline):
         count_bins: int = 8,
         bound: float = 3.0,
     ):
-        if count_bins == features:
-            count_bins += 1  # Pyro's spline misreads its parameter shapes when bins == d
-        net = DenseNN(
+        super().__init__()
+        if count_bins < 1 or not bound > 0:
+            raise ValueError(
+                f"ChartSpline: need count_bins >= 1 and bound > 0, got {count_bins}, {bound}"
+            )
+        self.features, self.context_features = features, context_features
+        self.count_bins, self.bound = count_bins, float(bound)
+        bins = count_bins
+        self.nn = DenseNN(
             context_features,
             list(hidden),
-            param_dims=[features * count_bins] * 2
-            + [features * (count_bins - 1), features * count_bins],
+            param_dims=[features * bins, features * bins, features * (bins - 1)],
         )
-        super().__init__(net, features, count_bins, bound=bound, order="linear")
-        self.context_features = context_features
+
+    def knots(self, context: torch.Tensor):
+        """Knot tables ``(xs, ys, ds)`` of shape :math:`(R, d, S + 1)` for contexts
+        :math:`(R, c)`."""
+        check_features(context, self.context_features, "ChartSpline", "context")
+        context = context.reshape(-1, self.context_features)
+        widths, heights, derivatives = self.nn(context)
+        d, bins = self.features, self.count_bins
+        return spline_knots(
+            widths.reshape(-1, d, bins),
+            heights.reshape(-1, d, bins),
+            derivatives.reshape(-1, d, bins - 1),
+            self.bound,
+        )
 
     def condition(self, context):
-        if not isinstance(context, ChartContext):
-            return super().condition(context)
-        per_chart = self._params(context.features)
-        return ConditionedSpline(
-            tuple(p[context.index] for p in per_chart), bound=self.bound, order=self.order
-        )
+        if isinstance(context, ChartContext):
+            knots = self.knots(context.features)
+            return RationalQuadraticSpline(*knots, bound=self.bound, index=context.index)
+        return RationalQuadraticSpline(*self.knots(context), bound=self.bound)

@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from .._checks import check_features, validation_enabled
-from .indexed import indexed_matvec
+from .indexed import indexed_matvec, tile_plan
 from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
 __all__ = [
@@ -79,7 +79,7 @@ def _batch_log_factor(value: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 def _rows(value: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """Per-chart parameters (K, ...) gathered for the rows (B, ...) that use them."""
-    return value if index is None else value[index]
+    return value if index is None else value.index_select(0, index)
 
 
 def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -93,11 +93,16 @@ def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor
     :math:`[I_k; 0]` at ``raw = 0``. Cost :math:`O(n k^2)`.
     """
     rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
-    v = raw.new_zeros(raw.shape[:-1] + (rows, cols))
-    v[..., rows_idx, cols_idx] = raw
-    tau = 2 / (1 + v.pow(2).sum(-2))
-    eye = torch.eye(rows, cols, dtype=raw.dtype, device=raw.device)
-    return -torch.linalg.householder_product(v + eye, tau)
+    diagonal = torch.arange(cols, device=raw.device)
+    where = torch.cat([rows_idx * cols + cols_idx, diagonal * (cols + 1)])
+    batch = raw.shape[:-1]
+    flat = raw.reshape(math.prod(batch), raw.shape[-1])
+    entries = torch.cat([flat, flat.new_ones(flat.shape[0], cols)], -1)
+    v = flat.new_zeros(flat.shape[0], rows * cols).index_copy(1, where, entries)
+    v = v.reshape(batch + (rows, cols))
+    norms = flat.new_zeros(flat.shape[0], cols).index_add(1, cols_idx, flat.pow(2))
+    tau = (2 / (1 + norms)).reshape(batch + (cols,))
+    return -torch.linalg.householder_product(v, tau)
 
 
 def householder_stiefel_raw(w: torch.Tensor) -> torch.Tensor:
@@ -220,14 +225,22 @@ class StiefelEmbedding(InjectiveTransform):
     def weight(self) -> torch.Tensor:
         return self.linear.weight if self._weight is None else self._weight
 
+    def _plan(self, x):
+        # The chart tiling is the same for the embedding and its left inverse: computed once.
+        rows = x.numel() // x.shape[-1]
+        plan = getattr(self, "_tiles", None)
+        if plan is None or plan.total != rows:
+            plan = self._tiles = tile_plan(self.index, self.weight.shape[0], rows)
+        return plan
+
     def _call(self, x):
         if self.index is not None:
-            return indexed_matvec(self.weight, self.index, x)
+            return indexed_matvec(self.weight, self.index, x, plan=self._plan(x))
         return matvec(self.weight, x)
 
     def _inverse(self, y):
         if self.index is not None:
-            return indexed_matvec(self.weight, self.index, y, transpose=True)
+            return indexed_matvec(self.weight, self.index, y, transpose=True, plan=self._plan(y))
         return rmatvec(self.weight, y)
 
     def log_conformal_factor(self, x, y):

@@ -2,87 +2,68 @@ r"""Per-chart linear maps applied by chart index, without a per-row copy of the 
 
 An atlas evaluates :math:`N m` (point, candidate chart) pairs but has only :math:`K` charts.
 A chart's frame :math:`W_k \in \mathbb{R}^{D\times d}` is computed once per chart; gathering
-it for every pair (``W[index]``) would copy :math:`N m D d` numbers and keep them for the
-backward pass (about 0.2 MiB per pair at :math:`D = 784`, :math:`d = 32`).
-:func:`indexed_matvec` computes :math:`y_i = W_{k_i} x_i` in bounded chunks instead, and its
-backward accumulates :math:`\partial L/\partial W_k = \sum_{i: k_i = k} g_i x_i^\top` in
-chunks, so the memory kept for backward is that of the inputs, :math:`O(N m (D + d))`.
+it for every pair (``W[index]``) would copy :math:`N m D d` numbers (about 0.1 MiB per pair
+at :math:`D = 784`, :math:`d = 32`), keep them for the backward pass, and make the product a
+memory-bound batch of matrix-vector products. :func:`indexed_matvec` instead sorts the rows
+by chart into tiles of :math:`T` rows that share a chart (a grouped matrix product): one
+frame per tile, :math:`\lceil n_k / T\rceil` tiles for the :math:`n_k` rows of chart
+:math:`k`, and a batched matrix-matrix product over the tiles.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["indexed_matvec"]
+__all__ = ["indexed_matvec", "tile_plan"]
 
-# Elements of one chunk's gathered matrices (W[index[chunk]]): bounds the transient memory.
-_CHUNK_ELEMENTS = 1 << 22
-
-
-def _chunks(rows: int, matrix_elements: int):
-    step = max(1, _CHUNK_ELEMENTS // max(1, matrix_elements))
-    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
+_MAX_TILE = 64
 
 
-def _apply(w, index, x, transpose):
-    # y_i = W_{k_i} x_i (or W_{k_i}^T x_i), chunk by chunk.
-    n = w.shape[-1] if transpose else w.shape[-2]
-    out = x.new_empty(x.shape[:-1] + (n,))
-    for a, b in _chunks(x.shape[0], w.shape[-1] * w.shape[-2]):
-        wk = w[index[a:b]]
-        if transpose:
-            wk = wk.mT
-        out[a:b] = torch.bmm(wk, x[a:b].unsqueeze(-1)).squeeze(-1)
-    return out
+def _tile_size(rows: int, charts: int) -> int:
+    # About rows / charts rows per tile (a power of two, at most _MAX_TILE): the padding is at
+    # most one partial tile per chart present, so at most ~2x the rows.
+    per_chart = max(1, rows // max(1, charts))
+    return min(_MAX_TILE, 1 << (per_chart - 1).bit_length())
 
 
-def _outer_sum(w, index, left, right):
-    # sum over rows i with index i = k of left_i right_i^T, shape of w.
-    grad = torch.zeros_like(w)
-    for a, b in _chunks(left.shape[0], w.shape[-1] * w.shape[-2]):
-        grad = grad.index_add(0, index[a:b], left[a:b].unsqueeze(-1) * right[a:b].unsqueeze(-2))
-    return grad
+class _TilePlan:
+    """Where each row goes among the tiles, and the chart of each tile: computed once for an
+    index and reused by every product with it (a chart's embedding and its left inverse)."""
 
-
-class _IndexedMatvec(torch.autograd.Function):
-    @staticmethod
-    def forward(w, index, x, transpose):
-        return _apply(w, index, x, transpose)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        w, index, x, transpose = inputs
-        ctx.save_for_backward(w, index, x)
-        ctx.save_for_forward(w, index, x)
-        ctx.transpose = transpose
-
-    @staticmethod
-    def backward(ctx, grad):
-        w, index, x = ctx.saved_tensors
-        grad_w = grad_x = None
-        if ctx.needs_input_grad[2]:
-            grad_x = _IndexedMatvec.apply(w, index, grad, not ctx.transpose)
-        if ctx.needs_input_grad[0]:
-            # y = W x: dW_k += g x^T; y = W^T x: dW_k += x g^T.
-            grad_w = (
-                _outer_sum(w, index, x, grad) if ctx.transpose else _outer_sum(w, index, grad, x)
-            )
-        return grad_w, None, grad_x, None
-
-    @staticmethod
-    def jvp(ctx, w_dot, index_dot, x_dot, transpose_dot):
-        w, index, x = ctx.saved_tensors
-        out = None
-        if x_dot is not None:
-            out = _apply(w, index, x_dot, ctx.transpose)
-        if w_dot is not None:
-            term = _apply(w_dot, index, x, ctx.transpose)
-            out = term if out is None else out + term
-        return out
+    def __init__(self, index: torch.Tensor, charts: int, total: int):
+        rows = index.shape[0]
+        if total != rows:
+            index = index.repeat(total // rows)
+        self.tile = tile = _tile_size(total, charts)
+        counts = torch.bincount(index, minlength=charts)
+        tiles = torch.div(counts + tile - 1, tile, rounding_mode="floor")
+        order = index.argsort(stable=True)
+        chart_of_sorted = index.index_select(0, order)
+        start = counts.cumsum(0) - counts
+        position = torch.arange(total, device=index.device) - start.index_select(
+            0, chart_of_sorted
+        )
+        first_tile = tiles.cumsum(0) - tiles
+        self.row_tile = first_tile.index_select(0, chart_of_sorted) + torch.div(
+            position, tile, rounding_mode="floor"
+        )
+        self.slot = position.remainder(tile)
+        self.num_tiles = int(tiles.sum())
+        self.tile_chart = torch.repeat_interleave(
+            torch.arange(charts, device=index.device), tiles, output_size=self.num_tiles
+        )
+        self.order = order
+        self.inverse = torch.empty_like(order)
+        self.inverse[order] = torch.arange(total, device=order.device)
+        self.total, self.charts = total, charts
 
 
 def indexed_matvec(
-    w: torch.Tensor, index: torch.Tensor, x: torch.Tensor, transpose: bool = False
+    w: torch.Tensor,
+    index: torch.Tensor,
+    x: torch.Tensor,
+    transpose: bool = False,
+    plan: _TilePlan | None = None,
 ) -> torch.Tensor:
     r""":math:`y_i = W_{k_i} x_i` (or :math:`W_{k_i}^\top x_i` with ``transpose``), where
     :math:`k_i` = ``index[i]``.
@@ -92,13 +73,16 @@ def indexed_matvec(
         index: chart of each row, integer tensor of shape :math:`(B,)`.
         x: inputs of shape :math:`(*, B, p)` (:math:`(*, B, n)` with ``transpose``); leading
             dimensions broadcast over the rows.
+        plan: the tiling of a previous call with the same ``index`` and input shape (see
+            :func:`tile_plan`), to skip recomputing it.
 
     Returns:
         shape :math:`(*, B, n)` (:math:`(*, B, p)` with ``transpose``).
 
-    Cost: the same multiply-adds as ``W[index] @ x``; transient memory bounded by a chunk, and
-    only ``w``, ``index`` and ``x`` are kept for backward. Differentiable in ``w`` and ``x``
-    (reverse mode, twice, and forward mode).
+    Cost: the multiply-adds of ``W[index] @ x`` (up to the padding of one partial tile per
+    chart), as matrix-matrix products; memory kept for backward: the padded inputs and one
+    matrix per tile, :math:`O(B (n + p) + (B/T + K)\, n p)`, not :math:`O(B n p)`. Plain torch
+    operations: differentiable in ``w`` and ``x`` in every mode (reverse, forward, ``vmap``).
 
     Example:
         >>> w = torch.randn(3, 4, 2)
@@ -117,7 +101,20 @@ def indexed_matvec(
         )
     lead = x.shape[:-2]
     flat = x.reshape(-1, x.shape[-1])
-    if lead:
-        index = index.repeat(flat.shape[0] // rows)
-    y = _IndexedMatvec.apply(w.to(x.dtype), index, flat, transpose)
-    return y.reshape(lead + (rows, y.shape[-1]))
+    n_out = w.shape[-1] if transpose else w.shape[-2]
+    if plan is None or plan.total != flat.shape[0] or plan.charts != w.shape[0]:
+        plan = tile_plan(index, w.shape[0], flat.shape[0])
+    w = w.to(x.dtype)
+    padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put(
+        (plan.row_tile, plan.slot), flat.index_select(0, plan.order)
+    )
+    frames = w.index_select(0, plan.tile_chart)
+    out = padded @ (frames if transpose else frames.mT)
+    y = out[plan.row_tile, plan.slot].index_select(0, plan.inverse)
+    return y.reshape(lead + (rows, n_out))
+
+
+def tile_plan(index: torch.Tensor, charts: int, total: int | None = None) -> _TilePlan:
+    """The tiling :func:`indexed_matvec` uses for ``index`` over ``charts`` matrices and
+    ``total`` input rows (default ``len(index)``)."""
+    return _TilePlan(index, charts, index.shape[0] if total is None else total)
