@@ -2,27 +2,66 @@
 
 from . import charts, datasets, distributions, geometry, intrinsic_dimension, training, transforms
 from .atlas import AtlasFlow
-from .charts import ChartMembership
-from .distributions import AtlasFlowDistribution
+from .charts import (
+    ChartMembership,
+    ChartStack,
+    LearnedCharts,
+    PlaneCharts,
+    SharedChart,
+    SphereCharts,
+)
+from .distributions import (
+    AtlasFlowDistribution,
+    FreeFormInjectiveDistribution,
+    FreeFormInjectiveFlow,
+    ManifoldPrior,
+    ManifoldPriorFlow,
+    SimplexFlow,
+    SimplexFlowDistribution,
+    SphereFlow,
+    SphereFlowDistribution,
+    UniformSphere,
+)
 from .geometry import log_volume_ratio, manifold_log_volume_ratio, tangent_frame
 from .intrinsic_dimension import IntrinsicDimension, estimate_intrinsic_dimension
+from .lazy import LazyDistribution
 
 __version__ = "0.1.0"
 
 __all__ = [
+    # builders (lazy distributions: module(c=None) returns the distribution)
+    "LazyDistribution",
     "AtlasFlow",
+    "SphereFlow",
+    "SimplexFlow",
+    "FreeFormInjectiveFlow",
+    "ManifoldPriorFlow",
+    "ManifoldPrior",
+    # distributions
     "AtlasFlowDistribution",
+    "SphereFlowDistribution",
+    "SimplexFlowDistribution",
+    "FreeFormInjectiveDistribution",
+    "UniformSphere",
+    # charts
+    "ChartMembership",
+    "ChartStack",
+    "SphereCharts",
+    "PlaneCharts",
+    "LearnedCharts",
+    "SharedChart",
+    # intrinsic dimension and geometry
     "estimate_intrinsic_dimension",
     "IntrinsicDimension",
+    "log_volume_ratio",
+    "manifold_log_volume_ratio",
+    "tangent_frame",
+    # modules
     "intrinsic_dimension",
-    "ChartMembership",
     "charts",
     "datasets",
     "distributions",
     "geometry",
     "training",
     "transforms",
-    "log_volume_ratio",
-    "manifold_log_volume_ratio",
-    "tangent_frame",
 ]

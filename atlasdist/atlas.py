@@ -81,6 +81,10 @@ class AtlasFlow(LazyDistribution):
         membership: chart membership (default ``ChartMembership(m=min(2, K))``).
         atol, noise_scale: see :class:`~atlasdist.distributions.AtlasFlowDistribution`.
         layers, hidden, count_bins: size of the default latent flow.
+        code_features: width of the chart code: chart contexts wider than this are
+            projected by a learned linear map, once per chart per call, to the features that
+            condition the latent flows and learned charts (so their networks' cost does not
+            grow with the context width, e.g. :math:`D` or :math:`K`).
 
     Example:
         >>> atlas = AtlasFlow(D=3, d=2, charts=4)
@@ -107,6 +111,7 @@ class AtlasFlow(LazyDistribution):
         layers: int = 2,
         hidden: Sequence[int] = (64, 64),
         count_bins: int = 8,
+        code_features: int = 32,
     ):
         super().__init__()
         if not 1 <= d < D:
@@ -148,6 +153,11 @@ class AtlasFlow(LazyDistribution):
         else:
             self.context = None
         context_features = (centres if context is None else self.context).shape[-1]
+        if context_features > code_features:
+            self.chart_code = nn.Linear(context_features, code_features, dtype=centres.dtype)
+            context_features = code_features
+        else:
+            self.chart_code = None
         if flows is None:
             flows = default_latent_flow(d, context_features, layers, hidden, count_bins)
         self.flow_parts = list(flows)
@@ -156,6 +166,15 @@ class AtlasFlow(LazyDistribution):
             if embedding is None:
                 embedding = LearnedCharts(num_charts, d, D, context_features)
             stack = as_charts(embedding, num_charts)
+        for spec in stack.specs:
+            want = getattr(getattr(spec, "parts", None), "context_features", None)
+            if want is not None and want != context_features:
+                raise ValueError(
+                    f"AtlasFlow: {type(spec).__name__} takes chart features of width {want}, "
+                    f"the atlas gives {context_features} (its context, or centres, projected to "
+                    f"at most code_features={code_features}); build the charts with "
+                    f"context_features={context_features} or pass a context of width {want}"
+                )
         self.charts = stack
         self.base = base
         self.register_buffer("_base_loc", torch.zeros(d))
@@ -304,6 +323,7 @@ class AtlasFlow(LazyDistribution):
             self.logits,
             self.membership,
             context=self.context,
+            chart_code=self.chart_code,
             atol=self.atol,
             noise_scale=self.noise_scale if noise_scale is ... else noise_scale,
             validate_args=validate_args,

@@ -8,7 +8,14 @@ import math
 import numpy as np
 import torch
 
-from atlasdist import AtlasFlow, ChartMembership
+from atlasdist import (
+    AtlasFlow,
+    ChartMembership,
+    LearnedCharts,
+    PlaneCharts,
+    SharedChart,
+    SphereCharts,
+)
 from atlasdist.transforms import (
     ConformalEmbedding,
     InverseStereographic,
@@ -145,3 +152,63 @@ def integrate(atlas: AtlasFlow, points: torch.Tensor, weights: torch.Tensor, chu
     with torch.no_grad():
         dens = torch.cat([p.log_prob(c).exp() for c in points.split(chunk)])
     return float((dens * weights).sum())
+
+
+# -- chart specs --------------------------------------------------------------------------------
+# name -> builder(K, seed) of a chart spec with K charts and random parameters (float64). Every
+# spec is tested by tests/test_chart_specs.py: a new kind of chart is tested by adding one line.
+
+
+def _unit(gen, *shape):
+    v = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    return v / v.norm(dim=-1, keepdim=True)
+
+
+def _sphere_charts(K, seed, d=1):
+    gen = torch.Generator().manual_seed(seed)
+    return SphereCharts(
+        torch.randn(K, d + 1, generator=gen, dtype=torch.float64),
+        0.5 + torch.rand(K, generator=gen, dtype=torch.float64),
+        _unit(gen, K, d + 1),
+    )
+
+
+def _plane_charts(K, seed, d=2, D=4):
+    gen = torch.Generator().manual_seed(seed)
+    frames = torch.randn(K, D, d, generator=gen, dtype=torch.float64)
+    charts = PlaneCharts(
+        torch.randn(K, D, generator=gen, dtype=torch.float64),
+        frames,
+        0.5 + torch.rand(K, generator=gen, dtype=torch.float64),
+    )
+    with torch.no_grad():  # bend the planes (Möbius b_k), away from the inputs' poles
+        charts.table("bend").copy_(0.1 * torch.randn(K, D, generator=gen, dtype=torch.float64))
+    return charts
+
+
+def _learned_charts(K, seed, d=2, D=5):
+    torch.manual_seed(seed)
+    charts = LearnedCharts(K, d, D, context_features=3, hidden=(8,)).double()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in charts.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    return charts
+
+
+def _shared_torus(K, seed):
+    gen = torch.Generator().manual_seed(seed)
+    poles = _unit(gen, 2, 2)
+    torus = ProductEmbedding(
+        [InverseStereographic(1, pole=poles[0]), InverseStereographic(1, pole=poles[1])]
+    )
+    return SharedChart(torus.double(), K)
+
+
+CHART_SPECS = {
+    "SphereCharts(circle)": _sphere_charts,
+    "SphereCharts(sphere)": lambda K, seed: _sphere_charts(K, seed, d=2),
+    "PlaneCharts": _plane_charts,
+    "LearnedCharts": _learned_charts,
+    "SharedChart(torus)": _shared_torus,
+}

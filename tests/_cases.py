@@ -20,6 +20,7 @@ from atlasdist.transforms import (
     RationalQuadraticSpline,
     Scale,
     Shift,
+    Similarity,
     StiefelEmbedding,
     ZeroPad,
 )
@@ -68,6 +69,7 @@ CASES = {
     "StiefelEmbedding": lambda d, D, g: randomize(StiefelEmbedding(d, D), g),
     "InverseStereographic": lambda d, D, g: InverseStereographic(d, pole=random_pole(d + 1, g)),
     "Orthogonal": lambda d, D, g: randomize(Orthogonal(d), g),
+    "Similarity": lambda d, D, g: randomize(Similarity(d, D), g),
     "Scale": lambda d, D, g: randomize(Scale(d), g),
     "Shift": lambda d, D, g: randomize(Shift(d), g),
     "Mobius(radius)": lambda d, D, g: randomize(Mobius(d, radius=2 * INPUT_RADIUS), g, 3.0),
@@ -126,6 +128,9 @@ CASES = {
     ),
     "conditioned ChartSpline": lambda d, D, g: _conditioned(
         ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=1.5), 3, g
+    ),
+    "conditioned Similarity": lambda d, D, g: _conditioned(
+        Conditional(Similarity, d, D, context_features=3), 3, g
     ),
     "conditioned InverseStereographic": lambda d, D, g: _conditioned(
         Conditional(InverseStereographic, d, context_features=2), 2, g

@@ -26,6 +26,7 @@ from atlasdist.transforms import (
     Orthogonal,
     Scale,
     Shift,
+    Similarity,
     StiefelEmbedding,
     householder_stiefel,
     indexed_matvec,
@@ -34,7 +35,10 @@ from atlasdist.transforms import (
 seeds = st.integers(0, 2**20)
 
 
-def conditional_embedding(d, D, c):
+def conditional_embedding(d, D, c, similarity=False):
+    """Every conditionable conformal layer; with ``similarity``, a Similarity into R^(D+1)
+    after them."""
+    tail = [Conditional(Similarity, D, D + 1, context_features=c)] if similarity else []
     return ConditionalCompose(
         [
             Conditional(StiefelEmbedding, d, D, context_features=c),
@@ -42,6 +46,7 @@ def conditional_embedding(d, D, c):
             Conditional(Mobius, D, context_features=c, radius=4.0),
             Conditional(Scale, D, context_features=c),
             Conditional(Shift, D, context_features=c),
+            *tail,
         ]
     )
 
@@ -71,7 +76,7 @@ def test_chart_context_equals_conditioning_each_row(seed, d, extra, charts):
     applied by index) the layer equals the one conditioned on each row's features: values,
     log-dets, inverse and gradients."""
     gen = torch.Generator().manual_seed(seed)
-    cond = randomize(conditional_embedding(d, d + extra, 3), gen, 0.5).double()
+    cond = randomize(conditional_embedding(d, d + extra, 3, True), gen, 0.5).double()
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
     index = torch.randint(charts, (7,), generator=gen)
     x = 0.5 * torch.randn(2, 7, d, generator=gen, dtype=torch.float64)

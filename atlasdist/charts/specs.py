@@ -30,6 +30,7 @@ from ..transforms import (
     Mobius,
     Scale,
     Shift,
+    Similarity,
     StiefelEmbedding,
     condition,
     householder_stiefel_raw,
@@ -236,8 +237,9 @@ class PlaneCharts(ConditionedCharts):
 class LearnedCharts(ConditionedCharts):
     r"""Charts from shared weights, conditioned on each chart's features :math:`v_k` (by default
     the atlas's chart centres): inverse stereographic projection onto :math:`S^d` from a
-    learned pole, an isometric embedding into :math:`\mathbb{R}^D` (when :math:`D > d+1`), a
-    scale and a shift, all produced by hypernetworks of :math:`v_k`, once per chart. Each
+    learned pole, an isometric embedding into :math:`\mathbb{R}^D`, a
+    scale and a shift (one :class:`~atlasdist.transforms.Similarity`), all produced by
+    hypernetworks of :math:`v_k`, once per chart. Each
     chart's image is a :math:`d`-sphere of learned radius, centre and orientation.
 
     Arguments:
@@ -251,14 +253,9 @@ class LearnedCharts(ConditionedCharts):
         self, num_charts: int, d: int, D: int, context_features: int, hidden: Sequence[int] = (32,)
     ):
         c = context_features
-        layers = [Conditional(InverseStereographic, d, context_features=c, hidden=hidden)]
-        if D > d + 1:
-            layers.append(
-                Conditional(StiefelEmbedding, d + 1, D, context_features=c, hidden=hidden)
-            )
-        layers += [
-            Conditional(Scale, D, context_features=c, hidden=hidden),
-            Conditional(Shift, D, context_features=c, hidden=hidden),
+        layers = [
+            Conditional(InverseStereographic, d, context_features=c, hidden=hidden),
+            Conditional(Similarity, d + 1, D, context_features=c, hidden=hidden),
         ]
         super().__init__(ConditionalCompose(layers), num_charts, d, D)
 

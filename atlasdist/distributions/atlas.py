@@ -90,6 +90,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         membership: a :class:`~atlasdist.charts.ChartMembership`.
         context: conditioning context of each chart, shape :math:`(K, c')`; default
             ``centres``.
+        chart_code: optional map of the contexts to the chart features the flows and charts
+            are conditioned on (e.g. a learned linear projection), applied once per call.
         atol: on-image tolerance (relative to :math:`1 + |x|`); default :math:`10^{-4}` in
             float32 and :math:`10^{-8}` in float64.
         noise_scale: :math:`\sigma` of the thickened density, or ``None`` (exact density).
@@ -114,6 +116,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         logits: torch.Tensor,
         membership,
         context: torch.Tensor | None = None,
+        chart_code=None,
         atol: float | None = None,
         noise_scale: float | None = None,
         batch_shape: torch.Size = _EMPTY,
@@ -142,6 +145,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             )
         self.base, self.flows, self.charts = base, list(flows), charts
         self.centres, self.logits, self.context = centres, logits, context
+        self.chart_code = chart_code
         self.membership = membership
         self.latent_dim = d
         self.atol, self.noise_scale = atol, noise_scale
@@ -173,7 +177,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         Per-chart quantities are computed once for the :math:`K` charts and gathered by
         ``charts``.
         """
-        ctx = ChartContext(self.context, charts)
+        features = self.context if self.chart_code is None else self.chart_code(self.context)
+        ctx = ChartContext(features, charts)
         return [condition(part, ctx) for part in self.flows], self.charts.embedding(ctx)
 
     # -- sampling ------------------------------------------------------------------------

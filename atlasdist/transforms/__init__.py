@@ -18,14 +18,17 @@ from .conformal import (
     Orthogonal,
     Scale,
     Shift,
+    Similarity,
     StiefelEmbedding,
     ZeroPad,
+    compact_wy,
+    householder_reflectors,
     householder_stiefel,
     householder_stiefel_raw,
     householder_to,
     reflect_to,
 )
-from .indexed import indexed_matvec, tile_plan
+from .indexed import indexed_matvec, tile_plan, tiled
 from .injective import (
     ConformalTransform,
     EventTransform,
@@ -56,6 +59,7 @@ __all__ = [
     "ZeroPad",
     "StiefelEmbedding",
     "Orthogonal",
+    "Similarity",
     "Scale",
     "Shift",
     "Mobius",
@@ -65,6 +69,7 @@ __all__ = [
     "reflect_to",
     "indexed_matvec",
     "tile_plan",
+    "tiled",
     "ProductEmbedding",
     "NormalizedTranslation",
     "NormalizedLinear",
@@ -91,4 +96,6 @@ __all__ = [
     "condition",
     "householder_stiefel",
     "householder_stiefel_raw",
+    "householder_reflectors",
+    "compact_wy",
 ]

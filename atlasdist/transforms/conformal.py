@@ -29,13 +29,14 @@ from torch import nn
 from torch.nn.utils import parametrizations
 
 from .._checks import check_features, validation_enabled
-from .indexed import indexed_matvec, tile_plan
+from .indexed import per_tile, tile_plan, tiled
 from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
 __all__ = [
     "ZeroPad",
     "StiefelEmbedding",
     "Orthogonal",
+    "Similarity",
     "Scale",
     "Shift",
     "Mobius",
@@ -43,6 +44,8 @@ __all__ = [
     "ConformalEmbedding",
     "householder_stiefel",
     "householder_stiefel_raw",
+    "householder_reflectors",
+    "compact_wy",
     "reflect_to",
 ]
 
@@ -82,6 +85,21 @@ def _rows(value: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return value if index is None else value.index_select(0, index)
 
 
+def householder_reflectors(raw: torch.Tensor, rows: int, cols: int):
+    r"""The reflector matrix :math:`V` (unit diagonal, strictly lower part ``raw``) and the
+    factors :math:`\tau_j = 2/|v_j|^2` of :func:`householder_stiefel`: shapes
+    :math:`(*, n, k)` and :math:`(*, k)`."""
+    rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
+    diagonal = torch.arange(cols, device=raw.device)
+    where = torch.cat([rows_idx * cols + cols_idx, diagonal * (cols + 1)])
+    batch = raw.shape[:-1]
+    flat = raw.reshape(math.prod(batch), raw.shape[-1])
+    entries = torch.cat([flat, flat.new_ones(flat.shape[0], cols)], -1)
+    v = flat.new_zeros(flat.shape[0], rows * cols).index_copy(1, where, entries)
+    norms = flat.new_zeros(flat.shape[0], cols).index_add(1, cols_idx, flat.pow(2))
+    return v.reshape(batch + (rows, cols)), (2 / (1 + norms)).reshape(batch + (cols,))
+
+
 def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     r"""A matrix with orthonormal columns from unconstrained parameters, as a product of
     Householder reflections.
@@ -92,17 +110,33 @@ def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor
     reflection. Returns :math:`-H_1\cdots H_k [I_k; 0]`, shape :math:`(*, n, k)`, which is
     :math:`[I_k; 0]` at ``raw = 0``. Cost :math:`O(n k^2)`.
     """
-    rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
-    diagonal = torch.arange(cols, device=raw.device)
-    where = torch.cat([rows_idx * cols + cols_idx, diagonal * (cols + 1)])
-    batch = raw.shape[:-1]
-    flat = raw.reshape(math.prod(batch), raw.shape[-1])
-    entries = torch.cat([flat, flat.new_ones(flat.shape[0], cols)], -1)
-    v = flat.new_zeros(flat.shape[0], rows * cols).index_copy(1, where, entries)
-    v = v.reshape(batch + (rows, cols))
-    norms = flat.new_zeros(flat.shape[0], cols).index_add(1, cols_idx, flat.pow(2))
-    tau = (2 / (1 + norms)).reshape(batch + (cols,))
+    v, tau = householder_reflectors(raw, rows, cols)
     return -torch.linalg.householder_product(v, tau)
+
+
+def compact_wy(raw: torch.Tensor, rows: int, cols: int):
+    r"""The Householder product of :func:`householder_stiefel` in compact WY form,
+    :math:`H_1 \cdots H_k = I - V T V^\top`, without forming it: returns the top block
+    :math:`V_{1:k}` (unit lower triangular, :math:`(*, k, k)`), the bottom block
+    :math:`V_{k+1:n}` (:math:`(*, n-k, k)`, a view of ``raw``: its rows are the last
+    :math:`(n-k)k` raw entries in row-major order) and :math:`T^{-1}`, the upper triangle of
+    :math:`V^\top V` with its diagonal halved (:math:`\tau_j = 2/|v_j|^2`; Puglisi 1992),
+    :math:`(*, k, k)`. Cost: one Gram matrix, :math:`O(n k^2)`, as a batched product.
+    """
+    top_count = cols * (cols - 1) // 2
+    batch = raw.shape[:-1]
+    rows_idx, cols_idx = torch.tril_indices(cols, cols, offset=-1, device=raw.device)
+    flat_top = raw[..., :top_count].reshape(math.prod(batch), top_count)
+    where = torch.cat(
+        [rows_idx * cols + cols_idx, torch.arange(cols, device=raw.device) * (cols + 1)]
+    )
+    entries = torch.cat([flat_top, flat_top.new_ones(flat_top.shape[0], cols)], -1)
+    top = flat_top.new_zeros(flat_top.shape[0], cols * cols).index_copy(1, where, entries)
+    top = top.reshape(batch + (cols, cols))
+    bottom = raw[..., top_count:].reshape(batch + (rows - cols, cols))
+    gram = top.mT @ top + bottom.mT @ bottom
+    tinv = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
+    return top, bottom, tinv
 
 
 def householder_stiefel_raw(w: torch.Tensor) -> torch.Tensor:
@@ -163,16 +197,21 @@ class StiefelEmbedding(InjectiveTransform):
     coordinates. Cost :math:`O(Dd)` per point.
 
     Conditioned (:class:`~atlasdist.transforms.Conditional`): the raw parameters are the
-    :math:`p = \sum_{j<d}(D-1-j)` Householder entries of :func:`householder_stiefel`, one frame
-    per chart, applied by chart index without a per-row copy of the frame.
+    :math:`p = \sum_{j<d}(D-1-j)` Householder entries of :func:`householder_stiefel`. Under a
+    chart index :math:`W_k = -[I_d; 0] + V_k T_k V_{k,1:d}^\top` is never formed: per chart
+    only :math:`T_k^{-1}` (:func:`compact_wy`, one Gram matrix), and the rows, grouped by chart
+    (:func:`~atlasdist.transforms.tiled`), are multiplied by :math:`V_k` with a triangular
+    solve.
 
     Arguments:
         in_features: :math:`d`.
         out_features: :math:`D`.
         weight: optional fixed :math:`W` of shape :math:`(*B, D, d)` with orthonormal columns;
             learnable when omitted.
-        index: optional chart of each input row, shape :math:`(B,)`, with ``weight`` of shape
-            :math:`(K, D, d)` (one frame per chart).
+        index: optional chart of each input row, shape :math:`(B,)`, with ``reflectors``.
+        reflectors: with ``index``, the per-chart compact WY form :func:`compact_wy`
+            (:math:`V_{1:d}`, :math:`V_{d+1:D}`, :math:`T^{-1}`), shapes :math:`(K, d, d)`,
+            :math:`(K, D-d, d)`, :math:`(K, d, d)`.
 
     Example:
         >>> f = StiefelEmbedding(2, 5)
@@ -188,9 +227,23 @@ class StiefelEmbedding(InjectiveTransform):
         out_features: int,
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
+        reflectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__(in_features, out_features)
-        self.index = index
+        self.index, self._tiles, self.reflectors = index, None, None
+        if (index is None) != (reflectors is None):
+            raise ValueError(f"{self.name}: give index and reflectors together")
+        if reflectors is not None:
+            top, bottom, tinv = reflectors
+            d, rest = self.in_features, self.out_features - self.in_features
+            if top.shape[-2:] != (d, d) or bottom.shape[-2:] != (rest, d) or top.dim() != 3:
+                raise ValueError(
+                    f"{self.name}: reflectors must have shapes (K, {d}, {d}), (K, {rest}, {d}), "
+                    f"got {tuple(top.shape)}, {tuple(bottom.shape)}"
+                )
+            self.reflectors = (top, bottom, tinv)
+            self._weight = None
+            return
         if weight is None:
             self.linear = _orthogonal_linear(self.in_features, self.out_features)
             self._weight = None
@@ -198,11 +251,6 @@ class StiefelEmbedding(InjectiveTransform):
         if weight.shape[-2:] != (self.out_features, self.in_features):
             raise ValueError(
                 f"{self.name}: weight must have shape (*, {self.out_features}, "
-                f"{self.in_features}), got {tuple(weight.shape)}"
-            )
-        if index is not None and weight.dim() != 3:
-            raise ValueError(
-                f"{self.name}: with an index, weight must have shape (K, {self.out_features}, "
                 f"{self.in_features}), got {tuple(weight.shape)}"
             )
         store(self, "_weight", weight)
@@ -218,29 +266,70 @@ class StiefelEmbedding(InjectiveTransform):
 
     @classmethod
     def from_parameters(cls, in_features, out_features, params, index=None):
-        weight = householder_stiefel(params["raw"], out_features, in_features)
-        return cls(in_features, out_features, weight=weight, index=index)
+        if index is None:
+            weight = householder_stiefel(params["raw"], out_features, in_features)
+            return cls(in_features, out_features, weight=weight)
+        reflectors = compact_wy(params["raw"], out_features, in_features)
+        return cls(in_features, out_features, index=index, reflectors=reflectors)
 
     @property
     def weight(self) -> torch.Tensor:
+        """:math:`W` (per chart, formed from the reflectors, when the layer is indexed)."""
+        if self.reflectors is not None:
+            top, bottom, tinv = self.reflectors
+            v = torch.cat([top, bottom], -2)
+            t_vt = torch.linalg.solve_triangular(tinv, top.mT, upper=True)
+            eye = torch.eye(self.out_features, self.in_features, dtype=v.dtype, device=v.device)
+            return v @ t_vt - eye
         return self.linear.weight if self._weight is None else self._weight
 
-    def _plan(self, x):
-        # The chart tiling is the same for the embedding and its left inverse: computed once.
+    def _indexed(self, x, transpose: bool, log_scale=None, shift=None):
+        # Rows grouped by chart (tiles); W = -[I; 0] + V T V_{1:d}^T applied in compact WY
+        # form. With a per-chart similarity (log_scale s, shift o): o + e^s W u, and the
+        # inverse e^{-s} (W^T y - W^T o) with W^T o per chart, so no D-dimensional work per
+        # row beyond the products with V.
+        top, bottom, tinv = (t.to(x.dtype) for t in self.reflectors)
+        d, D, charts = self.in_features, self.out_features, top.shape[0]
+        if shift is not None and transpose:
+            shift_in_chart = self._wt(shift.to(x.dtype).unsqueeze(-2), top, bottom, tinv)
+        if log_scale is not None:
+            scale = log_scale.to(x.dtype).exp()[:, None, None]
+
+        def frames(tiles, chart):
+            vt, vb, tk = (per_tile(t, chart) for t in (top, bottom, tinv))
+            if transpose:
+                out = self._wt(tiles, vt, vb, tk)
+                if shift is not None:
+                    out = out - per_tile(shift_in_chart, chart)
+                return out if log_scale is None else out / per_tile(scale, chart)
+            if log_scale is not None:
+                tiles = tiles * per_tile(scale, chart)
+            z = torch.linalg.solve_triangular(tk.mT, tiles @ vt, upper=False, left=False)
+            out = torch.cat([z @ vt.mT - tiles, z @ vb.mT], -1)
+            return out if shift is None else out + per_tile(shift, chart).unsqueeze(-2)
+
         rows = x.numel() // x.shape[-1]
-        plan = getattr(self, "_tiles", None)
-        if plan is None or plan.total != rows:
-            plan = self._tiles = tile_plan(self.index, self.weight.shape[0], rows)
-        return plan
+        if self._tiles is None or self._tiles.total != rows:
+            # The same tiling serves the embedding and its left inverse: computed once.
+            self._tiles = tile_plan(self.index, charts, rows)
+        return tiled(frames, self.index, x, charts, d if transpose else D, self._tiles)
+
+    @staticmethod
+    def _wt(y, top, bottom, tinv):
+        # rows of W^T y = -y_{1:d} + V_{1:d} T^T V^T y
+        d = top.shape[-1]
+        vty = y[..., :d] @ top + y[..., d:] @ bottom
+        s = torch.linalg.solve_triangular(tinv, vty, upper=True, left=False)
+        return s @ top.mT - y[..., :d]
 
     def _call(self, x):
-        if self.index is not None:
-            return indexed_matvec(self.weight, self.index, x, plan=self._plan(x))
+        if self.reflectors is not None:
+            return self._indexed(x, transpose=False)
         return matvec(self.weight, x)
 
     def _inverse(self, y):
-        if self.index is not None:
-            return indexed_matvec(self.weight, self.index, y, transpose=True, plan=self._plan(y))
+        if self.reflectors is not None:
+            return self._indexed(y, transpose=True)
         return rmatvec(self.weight, y)
 
     def log_conformal_factor(self, x, y):
@@ -250,16 +339,20 @@ class StiefelEmbedding(InjectiveTransform):
 class Orthogonal(StiefelEmbedding):
     r"""Orthogonal map :math:`x \mapsto Q x` of :math:`\mathbb{R}^D`, :math:`Q^\top Q = I`,
     :math:`\lambda = 1`; inverse :math:`Q^\top y` (the square case of
-    :class:`StiefelEmbedding`).
+    :class:`StiefelEmbedding`, conditioned the same way).
 
     Learnable through torch's ``parametrizations.orthogonal``, or fixed ``weight`` of shape
     :math:`(*B, D, D)`. Cost :math:`O(D^2)` per point.
     """
 
     def __init__(
-        self, features: int, weight: torch.Tensor | None = None, index: torch.Tensor | None = None
+        self,
+        features: int,
+        weight: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        reflectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ):
-        super().__init__(features, features, weight=weight, index=index)
+        super().__init__(features, features, weight=weight, index=index, reflectors=reflectors)
 
     @staticmethod
     def parameter_shapes(features: int) -> dict:
@@ -267,11 +360,97 @@ class Orthogonal(StiefelEmbedding):
 
     @classmethod
     def from_parameters(cls, features, params, index=None):
-        weight = householder_stiefel(params["raw"], features, features)
-        return cls(features, weight=weight, index=index)
+        if index is None:
+            return cls(features, weight=householder_stiefel(params["raw"], features, features))
+        return cls(features, index=index, reflectors=compact_wy(params["raw"], features, features))
 
     def extra_repr(self) -> str:
         return f"features={self.in_features}"
+
+
+class Similarity(StiefelEmbedding):
+    r"""Similarity embedding :math:`u \mapsto o + e^{s} W u`, :math:`W^\top W = I_d`,
+    :math:`\lambda = e^{s}`: a :class:`StiefelEmbedding` followed by a :class:`Scale` and a
+    :class:`Shift`, as one layer.
+
+    Left inverse :math:`y \mapsto e^{-s}(W^\top y - W^\top o)`, the orthogonal projection onto
+    the image read in coordinates. Under a chart index :math:`W_k^\top o_k` is computed once
+    per chart, so the left inverse of a row costs one product with :math:`V_k` (see
+    :class:`StiefelEmbedding`) and no :math:`D`-dimensional elementwise work.
+
+    Arguments:
+        in_features: :math:`d`.
+        out_features: :math:`D`.
+        weight, index, reflectors: the frame, as in :class:`StiefelEmbedding`.
+        log_scale: :math:`s`, shape :math:`(*B,)` (per chart with ``index``); learnable
+            (init 0) when omitted.
+        shift: :math:`o`, shape :math:`(*B, D)` (per chart with ``index``); learnable (init 0)
+            when omitted.
+
+    Example:
+        >>> f = Similarity(2, 4)
+        >>> y, ladj = f.call_and_ladj(torch.ones(3, 2))
+        >>> y.shape, ladj.shape
+        (torch.Size([3, 4]), torch.Size([3]))
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        weight: torch.Tensor | None = None,
+        index: torch.Tensor | None = None,
+        reflectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        log_scale: torch.Tensor | None = None,
+        shift: torch.Tensor | None = None,
+    ):
+        super().__init__(in_features, out_features, weight, index, reflectors)
+        if log_scale is None:
+            self.log_scale = nn.Parameter(torch.tensor(0.0))
+        else:
+            store(self, "log_scale", log_scale)
+        if shift is None:
+            self.shift = nn.Parameter(torch.zeros(self.out_features))
+        else:
+            check_features(shift, self.out_features, "Similarity", "shift")
+            store(self, "shift", shift)
+
+    @staticmethod
+    def parameter_shapes(in_features: int, out_features: int) -> dict:
+        frame = StiefelEmbedding.parameter_shapes(in_features, out_features)
+        return {**frame, "log_scale": (1,), "shift": (out_features,)}
+
+    @classmethod
+    def from_parameters(cls, in_features, out_features, params, index=None):
+        log_scale, shift = params["log_scale"][..., 0], params["shift"]
+        if index is None:
+            weight = householder_stiefel(params["raw"], out_features, in_features)
+            return cls(in_features, out_features, weight, log_scale=log_scale, shift=shift)
+        return cls(
+            in_features,
+            out_features,
+            index=index,
+            reflectors=compact_wy(params["raw"], out_features, in_features),
+            log_scale=log_scale,
+            shift=shift,
+        )
+
+    def _rows(self, value, x):
+        return value if self.index is None else value.index_select(0, self.index)
+
+    def _call(self, x):
+        if self.reflectors is not None:
+            return self._indexed(x, False, self.log_scale, self.shift)
+        scaled = matvec(self.weight, x) * self.log_scale.exp().unsqueeze(-1)
+        return scaled + self.shift
+
+    def _inverse(self, y):
+        if self.reflectors is not None:
+            return self._indexed(y, True, self.log_scale, self.shift)
+        return rmatvec(self.weight, y - self.shift) * (-self.log_scale).exp().unsqueeze(-1)
+
+    def log_conformal_factor(self, x, y):
+        return _batch_log_factor(self._rows(self.log_scale, x).to(x.dtype), x)
 
 
 class Scale(InjectiveTransform):

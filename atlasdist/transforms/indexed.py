@@ -7,14 +7,15 @@ at :math:`D = 784`, :math:`d = 32`), keep them for the backward pass, and make t
 memory-bound batch of matrix-vector products. :func:`indexed_matvec` instead sorts the rows
 by chart into tiles of :math:`T` rows that share a chart (a grouped matrix product): one
 frame per tile, :math:`\lceil n_k / T\rceil` tiles for the :math:`n_k` rows of chart
-:math:`k`, and a batched matrix-matrix product over the tiles.
+:math:`k`, and a batched matrix-matrix product over the tiles (:func:`tiled` applies any
+per-chart map this way).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["indexed_matvec", "tile_plan"]
+__all__ = ["indexed_matvec", "tiled", "tile_plan", "per_tile"]
 
 _MAX_TILE = 64
 
@@ -28,15 +29,25 @@ def _tile_size(rows: int, charts: int) -> int:
 
 class _TilePlan:
     """Where each row goes among the tiles, and the chart of each tile: computed once for an
-    index and reused by every product with it (a chart's embedding and its left inverse)."""
+    index and reused by every product with it (a chart's embedding and its left inverse).
+
+    With balanced charts (every chart's rows fit one tile of the largest count, padding at
+    most 2.5x the rows) each chart is one tile, in chart order, and ``tile_chart`` is None:
+    the per-chart tables are used as they are, without gathering them per tile."""
 
     def __init__(self, index: torch.Tensor, charts: int, total: int):
         rows = index.shape[0]
         if total != rows:
             index = index.repeat(total // rows)
-        self.tile = tile = _tile_size(total, charts)
         counts = torch.bincount(index, minlength=charts)
-        tiles = torch.div(counts + tile - 1, tile, rounding_mode="floor")
+        largest = int(counts.max()) if total else 0
+        direct = 0 < charts * largest <= 2.5 * total
+        self.tile = tile = largest if direct else _tile_size(total, charts)
+        tiles = (
+            torch.ones_like(counts)
+            if direct
+            else torch.div(counts + tile - 1, tile, rounding_mode="floor")
+        )
         order = index.argsort(stable=True)
         chart_of_sorted = index.index_select(0, order)
         start = counts.cumsum(0) - counts
@@ -44,18 +55,76 @@ class _TilePlan:
             0, chart_of_sorted
         )
         first_tile = tiles.cumsum(0) - tiles
-        self.row_tile = first_tile.index_select(0, chart_of_sorted) + torch.div(
+        row_tile = first_tile.index_select(0, chart_of_sorted) + torch.div(
             position, tile, rounding_mode="floor"
         )
-        self.slot = position.remainder(tile)
+        slot = position.remainder(tile)
         self.num_tiles = int(tiles.sum())
-        self.tile_chart = torch.repeat_interleave(
-            torch.arange(charts, device=index.device), tiles, output_size=self.num_tiles
+        self.tile_chart = (
+            None
+            if direct
+            else torch.repeat_interleave(
+                torch.arange(charts, device=index.device), tiles, output_size=self.num_tiles
+            )
         )
-        self.order = order
-        self.inverse = torch.empty_like(order)
-        self.inverse[order] = torch.arange(total, device=order.device)
+        # Tile and slot of each row in its original order: rows are scattered into the tiles
+        # and gathered back in one pass each.
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(total, device=order.device)
+        self.row_tile = row_tile.index_select(0, inverse)
+        self.slot = slot.index_select(0, inverse)
         self.total, self.charts = total, charts
+
+
+def per_tile(table: torch.Tensor, chart: torch.Tensor | None) -> torch.Tensor:
+    """The rows of a per-chart table for each tile (``chart`` from :func:`tiled`; None: the
+    tiles are the charts, in order)."""
+    return table if chart is None else table.index_select(0, chart)
+
+
+def tiled(
+    fn,
+    index: torch.Tensor,
+    x: torch.Tensor,
+    charts: int,
+    out_features: int,
+    plan: _TilePlan | None = None,
+) -> torch.Tensor:
+    r"""Applies a per-chart map to rows grouped by chart: ``fn(tiles, tile_chart)`` gets the
+    rows in tiles of one chart each, shape :math:`(\text{tiles}, T, n)`, and the chart of
+    each tile (or None when the tiles are the :math:`K` charts in order; look tables up with
+    :func:`per_tile`), and returns :math:`(\text{tiles}, T, m)`; rows padding a tile are zeros
+    and their outputs are dropped, so ``fn`` must act on each row independently.
+
+    Arguments:
+        fn: the tile map.
+        index: chart of each row, shape :math:`(B,)`.
+        x: rows :math:`(*, B, n)`.
+        charts: :math:`K`.
+        out_features: :math:`m`.
+        plan: a :func:`tile_plan` for the same index and number of rows, to reuse.
+
+    Returns:
+        :math:`(*, B, m)`.
+    """
+    if index.dim() != 1:
+        raise ValueError(f"indexed map: index must have shape (B,), got {tuple(index.shape)}")
+    rows = index.shape[0]
+    if x.dim() < 2 or x.shape[-2] != rows:
+        raise ValueError(
+            f"indexed map: x must have shape (*, {rows}, n) for {rows} indices, got "
+            f"{tuple(x.shape)}"
+        )
+    lead = x.shape[:-2]
+    flat = x.reshape(-1, x.shape[-1])
+    if plan is None or plan.total != flat.shape[0] or plan.charts != charts:
+        plan = tile_plan(index, charts, flat.shape[0])
+    padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put(
+        (plan.row_tile, plan.slot), flat
+    )
+    out = fn(padded, plan.tile_chart)
+    y = out[plan.row_tile, plan.slot]
+    return y.reshape(lead + (rows, out_features))
 
 
 def indexed_matvec(
@@ -80,9 +149,10 @@ def indexed_matvec(
         shape :math:`(*, B, n)` (:math:`(*, B, p)` with ``transpose``).
 
     Cost: the multiply-adds of ``W[index] @ x`` (up to the padding of one partial tile per
-    chart), as matrix-matrix products; memory kept for backward: the padded inputs and one
-    matrix per tile, :math:`O(B (n + p) + (B/T + K)\, n p)`, not :math:`O(B n p)`. Plain torch
-    operations: differentiable in ``w`` and ``x`` in every mode (reverse, forward, ``vmap``).
+    chart), as matrix-matrix products over tiles (:func:`tiled`); memory kept for backward:
+    the padded inputs and one matrix per tile, :math:`O(B (n + p) + (B/T + K)\, n p)`, not
+    :math:`O(B n p)`. Plain torch operations: differentiable in ``w`` and ``x`` in every mode
+    (reverse, forward, ``vmap``).
 
     Example:
         >>> w = torch.randn(3, 4, 2)
@@ -91,27 +161,14 @@ def indexed_matvec(
         >>> torch.allclose(indexed_matvec(w, index, x), (w[index] @ x.unsqueeze(-1))[..., 0])
         True
     """
-    if index.dim() != 1:
-        raise ValueError(f"indexed_matvec: index must have shape (B,), got {tuple(index.shape)}")
-    rows = index.shape[0]
-    if x.dim() < 2 or x.shape[-2] != rows:
-        raise ValueError(
-            f"indexed_matvec: x must have shape (*, {rows}, n) for {rows} indices, got "
-            f"{tuple(x.shape)}"
-        )
-    lead = x.shape[:-2]
-    flat = x.reshape(-1, x.shape[-1])
-    n_out = w.shape[-1] if transpose else w.shape[-2]
-    if plan is None or plan.total != flat.shape[0] or plan.charts != w.shape[0]:
-        plan = tile_plan(index, w.shape[0], flat.shape[0])
     w = w.to(x.dtype)
-    padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put(
-        (plan.row_tile, plan.slot), flat.index_select(0, plan.order)
-    )
-    frames = w.index_select(0, plan.tile_chart)
-    out = padded @ (frames if transpose else frames.mT)
-    y = out[plan.row_tile, plan.slot].index_select(0, plan.inverse)
-    return y.reshape(lead + (rows, n_out))
+
+    def product(tiles, chart):
+        frames = per_tile(w, chart)
+        return tiles @ (frames if transpose else frames.mT)
+
+    n_out = w.shape[-1] if transpose else w.shape[-2]
+    return tiled(product, index, x, w.shape[0], n_out, plan)
 
 
 def tile_plan(index: torch.Tensor, charts: int, total: int | None = None) -> _TilePlan:

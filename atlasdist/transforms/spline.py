@@ -102,6 +102,18 @@ class RationalQuadraticSpline(InjectiveTransform):
         lead = x.numel() // max(1, rows * features)
         return table_row.repeat(lead) if lead > 1 else table_row
 
+    def _bins(self):
+        # Per table row (chart) and bin, the values the formulas need, packed once:
+        # x_k, y_k, w_k, h_k, s_k, delta_k, delta_{k+1}, delta_k + delta_{k+1} - 2 s_k.
+        if getattr(self, "_packed", None) is None:
+            x0, y0 = self.xs[..., :-1], self.ys[..., :-1]
+            w, h = self.xs[..., 1:] - x0, self.ys[..., 1:] - y0
+            slope = h / w
+            d0, d1 = self.ds[..., :-1], self.ds[..., 1:]
+            packed = torch.stack([x0, y0, w, h, slope, d0, d1, d0 + d1 - 2 * slope])
+            self._packed = packed.reshape(8, -1)
+        return self._packed
+
     def _spline(self, x, inverse: bool):
         if x.dim() == 1:
             y, ladj = self._spline(x.unsqueeze(0), inverse)
@@ -111,43 +123,34 @@ class RationalQuadraticSpline(InjectiveTransform):
         flat = x.reshape(-1, features)
         row = self._rows(x)
         knots_in = self.ys if inverse else self.xs
-        size = knots_in.shape[-1]
+        bins = knots_in.shape[-1] - 1
         inside = flat.abs() < self.bound
         clamped = flat.clamp(-self.bound, self.bound)
         search = knots_in.index_select(0, row)
-        k = torch.searchsorted(search, clamped.unsqueeze(-1).contiguous()).squeeze(-1) - 1
-        k = k.clamp(0, size - 2)
-        base = (row.unsqueeze(-1) * features + torch.arange(features, device=x.device)) * size
-        at = base + k
-
-        def take(table, offset=0):
-            return table.reshape(-1).take(at + offset).to(x.dtype)
-
-        x0, x1 = take(self.xs), take(self.xs, 1)
-        y0, y1 = take(self.ys), take(self.ys, 1)
-        d0, d1 = take(self.ds), take(self.ds, 1)
-        w, h = x1 - x0, y1 - y0
-        s = h / w
-        c = d0 + d1 - 2 * s
+        k = torch.searchsorted(search, clamped.unsqueeze(-1)).squeeze(-1) - 1
+        k = k.clamp(0, bins - 1)
+        first = (row * (features * bins)).unsqueeze(-1)
+        at = first + torch.arange(0, features * bins, bins, device=x.device) + k
+        x0, y0, w, h, slope, d0, d1, c = self._bins().to(x.dtype).index_select(1, at.reshape(-1))
+        x0, y0, w, h, slope, d0, d1, c = (
+            t.reshape(flat.shape) for t in (x0, y0, w, h, slope, d0, d1, c)
+        )
         if inverse:
             dy = clamped - y0
-            a = h * (s - d0) + dy * c
+            a = h * (slope - d0) + dy * c
             b = h * d0 - dy * c
-            cc = -s * dy
-            disc = (b.pow(2) - 4 * a * cc).clamp_min(0)
-            xi = (2 * cc) / (-b - disc.sqrt())
+            cc = -slope * dy
+            xi = (2 * cc) / (-b - (b * b - 4 * a * cc).clamp_min(0).sqrt())
             out = x0 + xi * w
+            t = xi * (1 - xi)
         else:
             xi = (clamped - x0) / w
-            num = h * (s * xi.pow(2) + d0 * xi * (1 - xi))
-            out = y0 + num / (s + c * xi * (1 - xi))
-        t = xi * (1 - xi)
-        denom = s + c * t
-        log_deriv = (
-            2 * s.log()
-            + (d1 * xi.pow(2) + 2 * s * t + d0 * (1 - xi).pow(2)).log()
-            - 2 * denom.log()
-        )
+            t = xi * (1 - xi)
+            out = y0 + h * (slope * xi * xi + d0 * t) / (slope + c * t)
+        denom = slope + c * t
+        one_minus = 1 - xi
+        deriv = slope * slope * (d1 * xi * xi + 2 * slope * t + d0 * one_minus * one_minus)
+        log_deriv = (deriv / (denom * denom)).log()
         if inverse:
             log_deriv = -log_deriv
         out = torch.where(inside, out, flat)
