@@ -257,20 +257,23 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             # is evaluated at a harmless stand-in (the chart's image of z = 0) and then marked
             # "not on this chart" (error inf, density 0), so no NaN reaches values or gradients.
             defined = torch.isfinite(u).all(-1)
-            if not bool(defined.all()):
+            all_defined = bool(defined.all())
+            if not all_defined:
                 anchor = emb(torch.zeros_like(u)).detach()
                 u = emb.inv(torch.where(defined.unsqueeze(-1), xs, anchor))
             recon, ladj_embedding = emb.call_and_ladj(u)
             z, log_latent = self._latent_log_prob(u, flows)
             log_chart = (log_latent - ladj_embedding).masked_fill(~defined, -math.inf)
-        error = (recon - xs).norm(dim=-1).masked_fill(~defined, math.inf)
+        error = (recon - xs).norm(dim=-1)
+        if not all_defined:
+            error = error.masked_fill(~defined, math.inf)
+            z = z.masked_fill(~defined.unsqueeze(-1), math.nan)
+            recon = recon.masked_fill(~defined.unsqueeze(-1), math.nan)
         return {
             "charts": charts,
             "region": region,
-            "z": z.masked_fill(~defined.unsqueeze(-1), math.nan).reshape(n, c, self.latent_dim),
-            "recon": recon.masked_fill(~defined.unsqueeze(-1), math.nan).reshape(
-                n, c, self.ambient_dim
-            ),
+            "z": z.reshape(n, c, self.latent_dim),
+            "recon": recon.reshape(n, c, self.ambient_dim),
             "error": error.reshape(n, c),
             "log_joint": (self.mixture_log_weights[charts] + log_chart.reshape(n, c)),
             "on_image": region

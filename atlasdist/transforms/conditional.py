@@ -306,7 +306,11 @@ class ChartDenseNN(ConditionalDenseNN):
         first = self.layers[0]
         c = self.context_dim
         per_chart = nn.functional.linear(context.features, first.weight[:, :c], first.bias)
-        h = nn.functional.linear(x, first.weight[:, c:]) + per_chart.index_select(0, context.index)
+        rows = per_chart.index_select(0, context.index)
+        if x.dim() == 2:  # the chart part enters the product as its added term
+            h = torch.addmm(rows, x, first.weight[:, c:].mT)
+        else:
+            h = nn.functional.linear(x, first.weight[:, c:]) + rows
         for layer in self.layers[1:]:
             h = layer(self.f(h))
         if self.output_multiplier == 1 or self.count_params == 1:

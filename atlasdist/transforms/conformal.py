@@ -116,27 +116,25 @@ def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor
 
 def compact_wy(raw: torch.Tensor, rows: int, cols: int):
     r"""The Householder product of :func:`householder_stiefel` in compact WY form,
-    :math:`H_1 \cdots H_k = I - V T V^\top`, without forming it: returns the top block
-    :math:`V_{1:k}` (unit lower triangular, :math:`(*, k, k)`), the bottom block
-    :math:`V_{k+1:n}` (:math:`(*, n-k, k)`, a view of ``raw``: its rows are the last
-    :math:`(n-k)k` raw entries in row-major order) and :math:`T^{-1}`, the upper triangle of
-    :math:`V^\top V` with its diagonal halved (:math:`\tau_j = 2/|v_j|^2`; Puglisi 1992),
-    :math:`(*, k, k)`. Cost: one Gram matrix, :math:`O(n k^2)`, as a batched product.
+    :math:`H_1 \cdots H_k = I - V T V^\top`, without forming it: returns the reflector matrix
+    :math:`V` (unit lower trapezoidal, :math:`(*, n, k)`; below row :math:`k` its rows are
+    the last :math:`(n-k)k` raw entries in row-major order) and :math:`T^{-1}`, the upper
+    triangle of :math:`V^\top V` with its diagonal halved (:math:`\tau_j = 2/|v_j|^2`; Puglisi
+    1992), :math:`(*, k, k)`. Cost: one Gram matrix, :math:`O(n k^2)`, as a batched product.
     """
     top_count = cols * (cols - 1) // 2
     batch = raw.shape[:-1]
     rows_idx, cols_idx = torch.tril_indices(cols, cols, offset=-1, device=raw.device)
+    diagonal = torch.arange(cols, device=raw.device) * (cols + 1)
     flat_top = raw[..., :top_count].reshape(math.prod(batch), top_count)
-    where = torch.cat(
-        [rows_idx * cols + cols_idx, torch.arange(cols, device=raw.device) * (cols + 1)]
-    )
     entries = torch.cat([flat_top, flat_top.new_ones(flat_top.shape[0], cols)], -1)
+    where = torch.cat([rows_idx * cols + cols_idx, diagonal])
     top = flat_top.new_zeros(flat_top.shape[0], cols * cols).index_copy(1, where, entries)
-    top = top.reshape(batch + (cols, cols))
     bottom = raw[..., top_count:].reshape(batch + (rows - cols, cols))
-    gram = top.mT @ top + bottom.mT @ bottom
+    v = torch.cat([top.reshape(batch + (cols, cols)), bottom], -2)
+    gram = v.mT @ v
     tinv = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
-    return top, bottom, tinv
+    return v, tinv
 
 
 def householder_stiefel_raw(w: torch.Tensor) -> torch.Tensor:
@@ -210,8 +208,7 @@ class StiefelEmbedding(InjectiveTransform):
             learnable when omitted.
         index: optional chart of each input row, shape :math:`(B,)`, with ``reflectors``.
         reflectors: with ``index``, the per-chart compact WY form :func:`compact_wy`
-            (:math:`V_{1:d}`, :math:`V_{d+1:D}`, :math:`T^{-1}`), shapes :math:`(K, d, d)`,
-            :math:`(K, D-d, d)`, :math:`(K, d, d)`.
+            (:math:`V`, :math:`T^{-1}`), shapes :math:`(K, D, d)` and :math:`(K, d, d)`.
 
     Example:
         >>> f = StiefelEmbedding(2, 5)
@@ -227,21 +224,20 @@ class StiefelEmbedding(InjectiveTransform):
         out_features: int,
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
-        reflectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        reflectors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__(in_features, out_features)
         self.index, self._tiles, self.reflectors = index, None, None
         if (index is None) != (reflectors is None):
             raise ValueError(f"{self.name}: give index and reflectors together")
         if reflectors is not None:
-            top, bottom, tinv = reflectors
-            d, rest = self.in_features, self.out_features - self.in_features
-            if top.shape[-2:] != (d, d) or bottom.shape[-2:] != (rest, d) or top.dim() != 3:
+            v, tinv = reflectors
+            if v.shape[-2:] != (self.out_features, self.in_features) or v.dim() != 3:
                 raise ValueError(
-                    f"{self.name}: reflectors must have shapes (K, {d}, {d}), (K, {rest}, {d}), "
-                    f"got {tuple(top.shape)}, {tuple(bottom.shape)}"
+                    f"{self.name}: reflectors must have shape (K, {self.out_features}, "
+                    f"{self.in_features}), got {tuple(v.shape)}"
                 )
-            self.reflectors = (top, bottom, tinv)
+            self.reflectors = (v, tinv)
             self._weight = None
             return
         if weight is None:
@@ -276,9 +272,10 @@ class StiefelEmbedding(InjectiveTransform):
     def weight(self) -> torch.Tensor:
         """:math:`W` (per chart, formed from the reflectors, when the layer is indexed)."""
         if self.reflectors is not None:
-            top, bottom, tinv = self.reflectors
-            v = torch.cat([top, bottom], -2)
-            t_vt = torch.linalg.solve_triangular(tinv, top.mT, upper=True)
+            v, tinv = self.reflectors
+            t_vt = torch.linalg.solve_triangular(
+                tinv, v[..., : self.in_features, :].mT, upper=True
+            )
             eye = torch.eye(self.out_features, self.in_features, dtype=v.dtype, device=v.device)
             return v @ t_vt - eye
         return self.linear.weight if self._weight is None else self._weight
@@ -288,39 +285,42 @@ class StiefelEmbedding(InjectiveTransform):
         # form. With a per-chart similarity (log_scale s, shift o): o + e^s W u, and the
         # inverse e^{-s} (W^T y - W^T o) with W^T o per chart, so no D-dimensional work per
         # row beyond the products with V.
-        top, bottom, tinv = (t.to(x.dtype) for t in self.reflectors)
-        d, D, charts = self.in_features, self.out_features, top.shape[0]
+        v, tinv = (t.to(x.dtype) for t in self.reflectors)
+        d, D, charts = self.in_features, self.out_features, v.shape[0]
         if shift is not None and transpose:
-            shift_in_chart = self._wt(shift.to(x.dtype).unsqueeze(-2), top, bottom, tinv)
+            shift_in_chart = self._wt(shift.to(x.dtype).unsqueeze(-2), v, tinv)
         if log_scale is not None:
             scale = log_scale.to(x.dtype).exp()[:, None, None]
 
         def frames(tiles, chart):
-            vt, vb, tk = (per_tile(t, chart) for t in (top, bottom, tinv))
+            vk, tk = per_tile(v, chart), per_tile(tinv, chart)
             if transpose:
-                out = self._wt(tiles, vt, vb, tk)
+                out = self._wt(tiles, vk, tk)
                 if shift is not None:
                     out = out - per_tile(shift_in_chart, chart)
                 return out if log_scale is None else out / per_tile(scale, chart)
             if log_scale is not None:
                 tiles = tiles * per_tile(scale, chart)
-            z = torch.linalg.solve_triangular(tk.mT, tiles @ vt, upper=False, left=False)
-            out = torch.cat([z @ vt.mT - tiles, z @ vb.mT], -1)
-            return out if shift is None else out + per_tile(shift, chart).unsqueeze(-2)
+            z = torch.linalg.solve_triangular(tk.mT, tiles @ vk[:, :d], upper=False, left=False)
+            if shift is None:
+                out = z @ vk.mT
+            else:  # o + V z, the shift added inside the product
+                out = torch.baddbmm(per_tile(shift, chart).unsqueeze(-2), z, vk.mT)
+            out[..., :d] -= tiles
+            return out
 
         rows = x.numel() // x.shape[-1]
         if self._tiles is None or self._tiles.total != rows:
             # The same tiling serves the embedding and its left inverse: computed once.
-            self._tiles = tile_plan(self.index, charts, rows)
+            self._tiles = tile_plan(self.index, charts, rows, D * d, D)
         return tiled(frames, self.index, x, charts, d if transpose else D, self._tiles)
 
     @staticmethod
-    def _wt(y, top, bottom, tinv):
+    def _wt(y, v, tinv):
         # rows of W^T y = -y_{1:d} + V_{1:d} T^T V^T y
-        d = top.shape[-1]
-        vty = y[..., :d] @ top + y[..., d:] @ bottom
-        s = torch.linalg.solve_triangular(tinv, vty, upper=True, left=False)
-        return s @ top.mT - y[..., :d]
+        d = v.shape[-1]
+        s = torch.linalg.solve_triangular(tinv, y @ v, upper=True, left=False)
+        return s @ v[..., :d, :].mT - y[..., :d]
 
     def _call(self, x):
         if self.reflectors is not None:
@@ -350,7 +350,7 @@ class Orthogonal(StiefelEmbedding):
         features: int,
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
-        reflectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        reflectors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ):
         super().__init__(features, features, weight=weight, index=index, reflectors=reflectors)
 
@@ -400,7 +400,7 @@ class Similarity(StiefelEmbedding):
         out_features: int,
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
-        reflectors: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        reflectors: tuple[torch.Tensor, torch.Tensor] | None = None,
         log_scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
     ):

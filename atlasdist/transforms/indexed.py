@@ -17,37 +17,46 @@ import torch
 
 __all__ = ["indexed_matvec", "tiled", "tile_plan", "per_tile"]
 
-_MAX_TILE = 64
+_MAX_TILE = 128
 
 
 def _tile_size(rows: int, charts: int) -> int:
-    # About rows / charts rows per tile (a power of two, at most _MAX_TILE): the padding is at
-    # most one partial tile per chart present, so at most ~2x the rows.
+    # About rows / charts rows per tile (a power of two, 8 to _MAX_TILE): the padding is at
+    # most one partial tile per chart present.
     per_chart = max(1, rows // max(1, charts))
-    return min(_MAX_TILE, 1 << (per_chart - 1).bit_length())
+    return max(8, min(_MAX_TILE, 1 << (per_chart - 1).bit_length()))
 
 
 class _TilePlan:
     """Where each row goes among the tiles, and the chart of each tile: computed once for an
     index and reused by every product with it (a chart's embedding and its left inverse).
 
-    With balanced charts (every chart's rows fit one tile of the largest count, padding at
-    most 2.5x the rows) each chart is one tile, in chart order, and ``tile_chart`` is None:
-    the per-chart tables are used as they are, without gathering them per tile."""
+    Two layouts, the cheaper for the rows at hand: tiles of :math:`T` rows (a matrix gathered
+    per tile), or each chart one tile of the largest count, in chart order (``tile_chart`` is
+    None: the per-chart tables are used as they are, nothing gathered), which pads unbalanced
+    charts. ``matrix_elements`` (the size of one chart's matrix) and ``row_elements`` (of one
+    row) weigh the gathers against the padding."""
 
-    def __init__(self, index: torch.Tensor, charts: int, total: int):
+    def __init__(
+        self,
+        index: torch.Tensor,
+        charts: int,
+        total: int,
+        matrix_elements: int = 0,
+        row_elements: int = 1,
+    ):
         rows = index.shape[0]
         if total != rows:
             index = index.repeat(total // rows)
         counts = torch.bincount(index, minlength=charts)
         largest = int(counts.max()) if total else 0
-        direct = 0 < charts * largest <= 2.5 * total
-        self.tile = tile = largest if direct else _tile_size(total, charts)
-        tiles = (
-            torch.ones_like(counts)
-            if direct
-            else torch.div(counts + tile - 1, tile, rounding_mode="floor")
-        )
+        tile = _tile_size(total, charts)
+        tiles = torch.div(counts + tile - 1, tile, rounding_mode="floor")
+        tiled_cost = int(tiles.sum()) * (tile * row_elements + matrix_elements)
+        direct = 0 < charts * largest * row_elements <= tiled_cost
+        if direct:
+            tile, tiles = largest, torch.ones_like(counts)
+        self.tile = tile
         order = index.argsort(stable=True)
         chart_of_sorted = index.index_select(0, order)
         start = counts.cumsum(0) - counts
@@ -118,7 +127,7 @@ def tiled(
     lead = x.shape[:-2]
     flat = x.reshape(-1, x.shape[-1])
     if plan is None or plan.total != flat.shape[0] or plan.charts != charts:
-        plan = tile_plan(index, charts, flat.shape[0])
+        plan = tile_plan(index, charts, flat.shape[0], row_elements=flat.shape[-1])
     padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put(
         (plan.row_tile, plan.slot), flat
     )
@@ -168,10 +177,21 @@ def indexed_matvec(
         return tiles @ (frames if transpose else frames.mT)
 
     n_out = w.shape[-1] if transpose else w.shape[-2]
+    if plan is None:
+        rows = x.numel() // max(1, x.shape[-1])
+        plan = tile_plan(index, w.shape[0], rows, w.shape[-1] * w.shape[-2], x.shape[-1])
     return tiled(product, index, x, w.shape[0], n_out, plan)
 
 
-def tile_plan(index: torch.Tensor, charts: int, total: int | None = None) -> _TilePlan:
-    """The tiling :func:`indexed_matvec` uses for ``index`` over ``charts`` matrices and
-    ``total`` input rows (default ``len(index)``)."""
-    return _TilePlan(index, charts, index.shape[0] if total is None else total)
+def tile_plan(
+    index: torch.Tensor,
+    charts: int,
+    total: int | None = None,
+    matrix_elements: int = 0,
+    row_elements: int = 1,
+) -> _TilePlan:
+    """The tiling :func:`tiled` uses for ``index`` over ``charts`` charts and ``total`` input
+    rows (default ``len(index)``); ``matrix_elements`` and ``row_elements`` (the size of one
+    chart's matrix and of one row) choose between its two layouts."""
+    total = index.shape[0] if total is None else total
+    return _TilePlan(index, charts, total, matrix_elements, row_elements)
