@@ -1,6 +1,15 @@
 """atlasdist: probability distributions on manifolds for PyTorch and Pyro."""
 
-from . import charts, datasets, distributions, geometry, intrinsic_dimension, training, transforms
+from . import (
+    charts,
+    datasets,
+    distributions,
+    geometry,
+    intrinsic_dimension,
+    manifolds,
+    training,
+    transforms,
+)
 from .atlas import AtlasFlow
 from .charts import (
     ChartMembership,
@@ -62,6 +71,7 @@ __all__ = [
     "datasets",
     "distributions",
     "geometry",
+    "manifolds",
     "training",
     "transforms",
 ]

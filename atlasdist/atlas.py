@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pyro.distributions.transforms as pyro_t
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
 from .charts import ChartMembership
 from .charts.specs import (
@@ -298,12 +298,6 @@ class AtlasFlow(LazyDistribution):
         with torch.no_grad():
             atlas.logits.copy_((counts.to(atlas.logits.dtype) + 1).log())
         return atlas.to(data.dtype)
-
-    def base_distribution(self) -> Distribution:
-        if self.base is not None:
-            return self.base
-        loc = self._base_loc
-        return Independent(Normal(loc, torch.ones_like(loc)), 1)
 
     def forward(
         self,

@@ -16,6 +16,7 @@ from . import datasets
 from .atlas import AtlasFlow
 from .charts import VQAutoencoder
 from .geometry import batched_jacobian
+from .manifolds import log_sphere_area
 from .training import AtlasObjective, fit
 
 __all__ = ["main", "sphere_quadrature", "chart_quadrature"]
@@ -109,7 +110,7 @@ def _sphere_part(n, epochs, seed):
     integral = _integral(atlas.double().flow(), *sphere_quadrature())
     atlas.float()
     print(f"sphere S^2 ({len(train)} train / {len(test)} held-out points, 2 stereographic charts)")
-    uniform = -math.log(4 * math.pi)
+    uniform = -log_sphere_area(3)
     print(f"  held-out log-likelihood  {held_out:8.4f} nats/point (uniform: {uniform:.4f})")
     print(f"  integral of p over S^2   {integral:.6f}  (Gauss-Legendre x trapezoid, 80k nodes)")
     return atlas, test, history

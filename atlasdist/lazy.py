@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributions import Distribution
+from torch.distributions import Distribution, Independent, Normal
 
 __all__ = ["LazyDistribution"]
 
@@ -42,6 +42,15 @@ class LazyDistribution(nn.Module):
     def flow(self, c: torch.Tensor | None = None, **options) -> Distribution:
         """The distribution with the current parameters: an alias of ``self(c, **options)``."""
         return self(c, **options)
+
+    def base_distribution(self) -> Distribution:
+        r""":math:`q`: the module's ``base`` if it has one, else a standard normal on the
+        latent space, on the module's device and dtype (builders with a latent space register
+        a buffer ``_base_loc`` of shape :math:`(d,)`)."""
+        if getattr(self, "base", None) is not None:
+            return self.base
+        loc = self._base_loc
+        return Independent(Normal(loc, torch.ones_like(loc)), 1)
 
     def _no_context(self, c) -> None:
         """Raises unless ``c`` is None: for builders made without a conditioning input."""

@@ -64,6 +64,7 @@ _DOCUMENTED_MODULES = (
     "atlasdist.charts",
     "atlasdist.training",
     "atlasdist.distributions",
+    "atlasdist.manifolds",
 )
 
 

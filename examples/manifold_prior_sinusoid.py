@@ -33,10 +33,11 @@ from torch import nn  # noqa: E402
 
 from atlasdist import datasets  # noqa: E402
 from atlasdist.intrinsic_dimension import estimate_intrinsic_dimension  # noqa: E402
+from atlasdist.lazy import LazyDistribution  # noqa: E402
 from atlasdist.training import fit  # noqa: E402
 
 
-class StandardFlow(nn.Module):
+class StandardFlow(LazyDistribution):
     """Affine couplings with permutations on a standard normal prior (RealNVP-style)."""
 
     def __init__(self, layers: int = 6, hidden: int = 64):
@@ -53,7 +54,8 @@ class StandardFlow(nn.Module):
             parts += [coupling, self.swap]
         return parts
 
-    def flow(self):
+    def forward(self, c=None):
+        self._no_context(c)
         base = dist.Normal(self.zero, torch.ones_like(self.zero)).to_event(1)
         return dist.TransformedDistribution(base, self.transforms())
 

@@ -21,6 +21,7 @@ import torch
 from atlasdist import AtlasFlow, datasets
 from atlasdist.demo import sphere_quadrature
 from atlasdist.distributions import SphereFlow
+from atlasdist.manifolds import log_sphere_area
 from atlasdist.training import fit
 from atlasdist.transforms import NormalizedAffine, NormalizedTranslation
 
@@ -72,7 +73,7 @@ def main(argv=None):
     table = "\n".join(
         [
             f"{len(train)} training / {len(test)} held-out points, {epochs} epochs, "
-            f"seed {args.seed}; uniform density: {-math.log(4 * math.pi):.4f}",
+            f"seed {args.seed}; uniform density: {-log_sphere_area(3):.4f}",
             "",
             "| model | held-out log-likelihood (nats, w.r.t. area) | integral over S^2 | "
             "seconds |",

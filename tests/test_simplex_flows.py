@@ -1,78 +1,48 @@
-"""Calibration flows on the simplex Delta^(n-1): closed forms against autodiff, inverses,
-parametrization, the identities of reference/003 ("Simplex calibration transform"), the measure
-(Hausdorff vs torch's Lebesgue on the first n-1 coordinates), normalization by quadrature and
-goodness of fit of samples against log_prob (DESIGN.md section 4)."""
+"""Calibration flows on the simplex Delta^(n-1), what only they have: closed forms against
+50-digit arithmetic near the boundary, parametrization, the identities of reference/003
+("Simplex calibration transform") and the measure (Hausdorff vs torch's Lebesgue on the first
+n-1 coordinates). The properties every flow on a known manifold has (closed forms against
+autodiff, inverses, normalization by quadrature, goodness of fit of samples against log_prob,
+shapes, modules, bad input) are tested in test_manifold_flows.py."""
 
 from __future__ import annotations
 
-import doctest
 import math
 
-import goftests
 import mpmath as mp
 import numpy as np
-import pyro
 import pytest
-import scipy.stats
 import torch
+from _manifold_checks import (
+    SIMPLEX,
+    Worst,
+    features,
+    report_goodness_of_fit,
+    scales,
+    seeds,
+    single_thread,  # noqa: F401 (autouse fixture)
+    softmax_with_zero,
+    triangle_area_element,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from pyro.distributions import Dirichlet
-from scipy.spatial import cKDTree
 
-import atlasdist.distributions.simplex as dist_simplex
-import atlasdist.transforms.simplex as simplex
-from atlasdist._checks import no_validation
-from atlasdist.distributions.simplex import (
-    SimplexFlow,
-    SimplexFlowDistribution,
-    simplex_hausdorff_log_factor,
-)
+from atlasdist.distributions.simplex import SimplexFlow, SimplexFlowDistribution
 from atlasdist.geometry import manifold_log_volume_ratio
-from atlasdist.transforms.manifold import ManifoldTransform, qr_parametrized, simplex_projection
-from atlasdist.transforms.simplex import Calibration, GeneralizedCalibration, helmert_basis
+from atlasdist.manifolds import (
+    helmert_basis,
+    log_simplex_volume,
+    simplex_hausdorff_log_factor,
+    simplex_projection,
+)
+from atlasdist.transforms.manifold import ManifoldTransform, qr_parametrized
+from atlasdist.transforms.simplex import Calibration
 
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Small tensors: intra-op threads buy nothing here and thrash on 2 shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-# One line per flow: the property tests below loop over this list.
-CASES = {"Calibration": Calibration, "GeneralizedCalibration": GeneralizedCalibration}
-
-names = st.sampled_from(sorted(CASES))
-features = st.integers(2, 5)
-seeds = st.integers(0, 2**20)
-scales = st.floats(0.05, 1.0)  # raw parameters ~ N(0, scale^2)
-# Up to 0.5 the outputs keep entries above ~1e-7 and the autodiff ratio is accurate to ~1e-11;
-# nearer the boundary it is not (2e-5 off at an entry 2e-12, where the closed form still agrees
-# with 50-digit arithmetic to 1e-14: test_closed_forms_stay_exact_near_the_boundary).
-autodiff_scales = st.floats(0.05, 0.5)
-batch_shapes = st.lists(st.integers(1, 3), min_size=0, max_size=2).map(tuple)
-EPS = torch.finfo(torch.float64).eps
-
-
-def randomize(f, seed: int, scale: float):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in f.parameters():
-            p.copy_(scale * torch.randn(p.shape, generator=gen, dtype=torch.float64))
-    return f
-
-
-def build(name: str, n: int, seed: int, scale: float, dtype=torch.float64):
-    return randomize(CASES[name](n).double(), seed, scale).to(dtype)
-
-
-def simplex_points(n: int, batch_shape, seed: int, dtype=torch.float64):
-    gen = torch.Generator().manual_seed(seed + 1)
-    logits = torch.randn(*batch_shape, n, generator=gen, dtype=torch.float64)
-    return torch.softmax(logits, -1).to(dtype)
+CASES = SIMPLEX.flows
+names = st.sampled_from(SIMPLEX.names)
+build, chain, simplex_points = SIMPLEX.build, SIMPLEX.chain, SIMPLEX.points
+make_distribution = SIMPLEX.make_distribution
 
 
 def matrix_and_shift(f):
@@ -95,22 +65,7 @@ def gcal_log_ratio(p, a, c):
     return torch.linalg.slogdet(a)[1] - lam.abs().log() + (q.log() - p.log()).sum(-1)
 
 
-def chain(n: int, seed: int, scale: float):
-    return [build(name, n, seed + i, scale) for i, name in enumerate(sorted(CASES))]
-
-
 # --- closed forms, inverses, parametrization ------------------------------------------------
-
-
-@given(name=names, n=features, seed=seeds, scale=autodiff_scales)
-def test_closed_form_volume_ratio_matches_autodiff(name, n, seed, scale):
-    f = build(name, n, seed, scale)
-    p = simplex_points(n, (16,), seed)
-    q, ladj = f.call_and_ladj(p)
-    reference = manifold_log_volume_ratio(f, p, simplex_projection, n - 1)
-    assert ladj.shape == reference.shape == (16,)
-    assert (ladj - reference).abs().max() <= 1e-8
-    torch.testing.assert_close(f.log_abs_det_jacobian(p, q), ladj, atol=1e-12, rtol=0)
 
 
 def exact_log_ratio(p: torch.Tensor, a: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -137,16 +92,6 @@ def test_closed_forms_stay_exact_near_the_boundary(name, seed):
     a, c = matrix_and_shift(f)
     got = f.log_abs_det_jacobian(p, None).detach()
     assert (got - exact_log_ratio(p, a, c)).abs().max() <= 1e-10
-
-
-@given(name=names, n=features, seed=seeds, scale=scales)
-def test_inverse_round_trip_and_outputs_on_simplex(name, n, seed, scale):
-    f = build(name, n, seed, scale)
-    p = simplex_points(n, (32,), seed)
-    q = f(p)
-    assert (q.sum(-1) - 1).abs().max() <= 1e-14 and bool((q > 0).all())
-    torch.testing.assert_close(f.inv(q), p, atol=1e-12, rtol=1e-10)
-    torch.testing.assert_close(f(f.inv(p)), p, atol=1e-12, rtol=1e-10)
 
 
 @given(n=features, seed=seeds, log_scale=st.floats(0.0, 3.0), diag_scale=st.floats(0.0, 20.0))
@@ -281,13 +226,6 @@ def test_lebesgue_measure_reproduces_dirichlet_and_hausdorff_differs_by_sqrt_n(n
     torch.testing.assert_close(nested.log_prob(p), leb.log_prob(p))
 
 
-def triangle_area_element() -> float:
-    """|d e / d p1 x d e / d p2| for e(p1, p2) = (p1, p2, 1 - p1 - p2): the Hausdorff area of
-    the parallelogram spanned by the coordinate steps (computed, not assumed: sqrt 3)."""
-    e = torch.tensor([[1.0, 0.0, -1.0], [0.0, 1.0, -1.0]], dtype=torch.float64)
-    return float(torch.linalg.cross(e[0], e[1]).norm())
-
-
 def test_dirichlet_integrates_to_sqrt_n_against_hausdorff_measure():
     # Gauss-Legendre on the triangle (Duffy: p1 = u, p2 = (1 - u) v) for a smooth Dirichlet
     # density: w.r.t. dp1 dp2 it integrates to 1, w.r.t. the surface measure to sqrt 3.
@@ -305,51 +243,7 @@ def test_dirichlet_integrates_to_sqrt_n_against_hausdorff_measure():
     assert abs(triangle_area_element() - math.sqrt(3)) <= 1e-15
 
 
-# --- normalization and goodness of fit ----------------------------------------------------
-
-
-def make_distribution(n, seed, scale, measure="hausdorff", validate_args=None):
-    gen = torch.Generator().manual_seed(seed + 7)
-    alpha = 1 + 3 * torch.rand(n, generator=gen, dtype=torch.float64)
-    base = Dirichlet(alpha, validate_args=validate_args)
-    return SimplexFlowDistribution(base, chain(n, seed, scale), measure, validate_args)
-
-
-def softmax_with_zero(z):
-    """The inverse of the additive log-ratio z_i = log(q_i / q_n)."""
-    return torch.softmax(torch.cat([z, torch.zeros_like(z[..., :1])], -1), -1)
-
-
-def alr_integral(log_prob, n, t_max=6.5, step=0.02):
-    """int p dH over Delta^(n-1), n = 2 or 3, in additive log-ratio coordinates z in R^(n-1):
-    dH = |de/dq| |det dq/dz| dz with |det dq/dz| = prod_i q_i and |de/dq| = sqrt(n) (the
-    Hausdorff element of the coordinates q_1..q_(n-1); both computed in the tests below).
-    The integrand is smooth and decays exponentially in z whatever the density does at the
-    boundary of the simplex; the substitution z = sinh(t) makes the decay double-exponential,
-    so the trapezoid rule in t over |t| <= 6.5 (|z| <= 332: q stays a normal float) converges
-    spectrally. Far out, the
-    inverse flows underflow to the boundary (NaN): such points count as 0, after checking
-    that they lie where the integrand is negligible."""
-    t = torch.arange(-t_max, t_max + step / 2, step, dtype=torch.float64)
-    z1, w1 = t.sinh(), t.cosh() * step
-    if n == 2:
-        z, w = z1[:, None], w1
-    else:
-        z = torch.stack(torch.meshgrid(z1, z1, indexing="ij"), -1)
-        w = w1[:, None] * w1[None, :]
-    q = softmax_with_zero(z)
-    with torch.no_grad(), no_validation():
-        integrand = (log_prob(q) + q.log().sum(-1)).exp()
-    lost = ~torch.isfinite(integrand)
-    if bool(lost.any()):
-        # The lost points lie in the far tail: the other points up to ten orders of magnitude
-        # less close to the boundary than the least extreme lost point have a negligible
-        # integrand (it decays exponentially in z, i.e. as a power of the smallest entry).
-        q_min = q.min(-1).values
-        band = ~lost & (q_min <= 1e10 * q_min[lost].max())
-        assert bool(band.any()) and float(integrand[band].max()) < 1e-10
-    element = math.sqrt(2) if n == 2 else triangle_area_element()
-    return float((integrand.masked_fill(lost, 0) * w).sum()) * element
+# --- the quadrature, the uniform distribution, bad input -----------------------------------
 
 
 def test_log_ratio_jacobian_used_by_the_quadrature():
@@ -362,257 +256,26 @@ def test_log_ratio_jacobian_used_by_the_quadrature():
         torch.testing.assert_close(torch.linalg.det(jac).abs().log(), q.log().sum(-1))
 
 
-@given(n=st.sampled_from([2, 3]), seed=seeds, scale=st.floats(0.05, 0.7))
-def test_density_integrates_to_one(n, seed, scale):
-    d = make_distribution(n, seed, scale, validate_args=False)
-    assert abs(alr_integral(d.log_prob, n) - 1) <= 1e-3
-    lebesgue = make_distribution(n, seed, scale, "lebesgue", validate_args=False)
-    assert abs(alr_integral(lebesgue.log_prob, n) - math.sqrt(n)) <= 1e-3 * math.sqrt(n)
+def test_uniform_dirichlet_is_the_uniform_distribution():
+    # Dirichlet(1) is uniform: its Hausdorff density is 1 / volume (atlasdist.manifolds).
+    for n in (2, 3, 5):
+        d = SimplexFlowDistribution(Dirichlet(torch.ones(n, dtype=torch.float64)), [])
+        p = simplex_points(n, (4,), n)
+        expected = torch.full((4,), -log_simplex_volume(n), dtype=torch.float64)
+        torch.testing.assert_close(d.log_prob(p), expected)
+    assert math.isclose(log_simplex_volume(2), 0.5 * math.log(2))
+    assert math.isclose(log_simplex_volume(3), math.log(math.sqrt(3) / 2))
 
 
-def test_quadrature_detects_a_wrong_volume_ratio():
-    d = make_distribution(3, 5, 0.5, validate_args=False)
-    last = d.transforms[-1]
-
-    def wrong(q):  # the last flow's ratio applied in the wrong direction
-        return d.log_prob(q) + 2 * last.log_abs_det_jacobian(last.inv(q), q)
-
-    assert abs(alr_integral(d.log_prob, 3) - 1) <= 1e-3
-    assert abs(alr_integral(wrong, 3) - 1) > 1e-2
-
-
-def exp_goodness_of_fit(exp_samples) -> float:
-    """goftests.exp_goodness_of_fit with scipy's chi^2 tail (goftests 0.3.0's chi2sf returns ~1
-    for statistics between ~200 and ~2000, so grossly wrong densities would pass)."""
-    u = np.exp(-np.asarray(exp_samples, dtype=float))
-    counts = np.histogram(u, bins=int(round(len(u) ** (1 / 3))), range=(0.0, 1.0))[0]
-    return float(scipy.stats.chisquare(counts).pvalue)
-
-
-def nearest_neighbour_gof(points: torch.Tensor, log_prob: torch.Tensor, dim: int) -> float:
-    """goftests.vector_density_goodness_of_fit with the intrinsic dimension: N p(x) vol_dim(r)
-    is Exp(1) distributed when p is the density w.r.t. dim-dimensional volume, here the
-    Hausdorff measure of the simplex (distances are measured in R^n, on the simplex's plane)."""
-    pts = points.detach().double().numpy()
-    radii = cKDTree(pts).query(pts, k=2)[0][:, 1]
-    density = log_prob.detach().double().exp().numpy()
-    return exp_goodness_of_fit(len(pts) * density * goftests.volume_of_sphere(dim, radii))
-
-
-def segment_ks(q1: np.ndarray, log_prob, half_width=40.0, points=16384) -> float:
-    """KS test of q_1 on Delta^1 against the CDF of a density w.r.t. dq_1 (trapezoid rule in
-    z = log(q_1 / q_2), dq_1 = q_1 q_2 dz)."""
-    z = torch.linspace(-half_width, half_width, points + 1, dtype=torch.float64)
-    q = softmax_with_zero(z[:, None])
-    with torch.no_grad():
-        g = (log_prob(q) + q.log().sum(-1)).exp()
-    cdf = torch.cat([g.new_zeros(1), (g[1:] + g[:-1]).cumsum(0) * half_width / points])
-    t = np.log(q1) - np.log1p(-q1)
-    return float(scipy.stats.kstest(t, lambda s: np.interp(s, z.numpy(), cdf.numpy())).pvalue)
-
-
-GOF_CASES = [(2, 0, 0.7), (2, 1, 0.5), (3, 0, 0.5), (3, 1, 0.7), (4, 2, 0.5)]
-
-
-@pytest.mark.parametrize("n,seed,scale", GOF_CASES)
-def test_samples_match_log_prob(n, seed, scale):
-    torch.manual_seed(seed)
-    d = make_distribution(n, seed, scale)
-    leb = make_distribution(n, seed, scale, "lebesgue")
-    last = d.transforms[-1]
-    candidates = {
-        "log_prob": d.log_prob,
-        # Controls that must be rejected: the test has power against plausible bugs, the
-        # measure mix-up (a Lebesgue density read as a Hausdorff one) included.
-        "wrong measure": leb.log_prob,
-        "ratio sign flipped": lambda q: (
-            d.log_prob(q) + 2 * last.log_abs_det_jacobian(last.inv(q), q)
-        ),
-        "no volume ratios": lambda q: d.base_dist.log_prob(q) - 0.5 * math.log(n),
-    }
-    with torch.no_grad():
-        q = d.sample((4000 if n < 4 else 6000,))
-    p_values = {}
-    for label, log_prob in candidates.items():
-        with torch.no_grad():
-            lp = log_prob(q)
-        tests = [nearest_neighbour_gof(q, lp, n - 1)]
-        if n == 2:  # w.r.t. dq_1: the Hausdorff density times sqrt 2
-            lebesgue_log_prob = lambda t, f=log_prob: f(t) + 0.5 * math.log(2)  # noqa: E731
-            tests.append(segment_ks(q[:, 0].numpy(), lebesgue_log_prob))
-        p_values[label] = min(tests)
-    assert p_values.pop("log_prob") > 1e-3
-    assert max(p_values.values()) < 1e-3, p_values
-
-
-# --- distributions: shapes, dtypes, gradients, modules ------------------------------------
-
-
-@given(n=st.integers(2, 4), seed=seeds, batch_shape=batch_shapes)
-def test_distribution_shapes_and_expand(n, seed, batch_shape):
-    gen = torch.Generator().manual_seed(seed)
-    alpha = 1 + torch.rand(*batch_shape, n, generator=gen, dtype=torch.float64)
-    d = SimplexFlowDistribution(Dirichlet(alpha), chain(n, seed, 0.5))
-    assert d.batch_shape == batch_shape and d.event_shape == (n,) and d.has_rsample
-    q = d.rsample((5,))
-    assert q.shape == (5,) + batch_shape + (n,)
-    assert d.log_prob(q).shape == (5,) + batch_shape
-    e = d.expand((2,) + batch_shape)
-    assert e.batch_shape == (2,) + batch_shape and e.measure == d.measure
-    assert e.sample().shape == (2,) + batch_shape + (n,)
-    torch.testing.assert_close(e.log_prob(q[:1]), d.log_prob(q[:1]).expand((2,) + batch_shape))
-    f = d.transforms[0]
-    assert tuple(f.forward_shape(q.shape)) == q.shape == tuple(f.inverse_shape(q.shape))
-
-
-@given(name=names, n=features, seed=seeds, scale=scales)
-def test_float32_preserved_and_close_to_float64(name, n, seed, scale):
-    f64, f32 = build(name, n, seed, scale), build(name, n, seed, scale, torch.float32)
-    p = simplex_points(n, (8,), seed)
-    q64, l64 = f64.call_and_ladj(p)
-    q32, l32 = f32.call_and_ladj(p.float())
-    assert q32.dtype == l32.dtype == f32.inv(q32).dtype == torch.float32
-    torch.testing.assert_close(q32.double(), q64, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(l32.double(), l64, atol=1e-4, rtol=1e-4)
-    flow = SimplexFlow(n, [f32])
-    assert flow().sample((3,)).dtype == flow().log_prob(p.float()).dtype == torch.float32
-
-
-@given(n=features, seed=seeds, scale=scales)
-def test_gradients_are_finite(n, seed, scale):
-    flow = randomize(SimplexFlow(n, chain(n, seed, scale)).double(), seed, scale)
-    q = flow().rsample((16,))
-    loss = -flow().log_prob(q.detach()).mean() + q.pow(2).sum()
-    loss.backward()
-    grads = [p.grad for p in flow.parameters()]
-    assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
-
-
-def test_module_state_dict_and_optimizer():
-    torch.manual_seed(0)
-    flow = randomize(SimplexFlow(3, chain(3, 0, 0.5)).double(), 0, 0.5)
-    assert {k for k, _ in flow.named_parameters()} == {
-        "log_concentration",
-        "transform_modules.0.log_temperature",
-        "transform_modules.0.shift",
-        "transform_modules.1.weight",
-        "transform_modules.1.shift",
-    }
-    data = flow().sample((256,))
-    clone = SimplexFlow(3, [Calibration(3), GeneralizedCalibration(3)]).double()
-    clone.load_state_dict(flow.state_dict())
-    torch.testing.assert_close(clone().log_prob(data), flow().log_prob(data))
-    opt = torch.optim.Adam(clone.parameters(), lr=1e-2)
-    before = float(-clone().log_prob(data).mean())
-    for _ in range(5):
-        opt.zero_grad()
-        (-clone().log_prob(data).mean()).backward()
-        opt.step()
-    assert float(-clone().log_prob(data).mean()) < before
-    pyro.clear_param_store()
-    pyro.module("simplex_flow", flow)
-    assert len(pyro.get_param_store()) == 5
-
-
-def test_pyro_model_with_observations():
-    flow = SimplexFlow(3, [GeneralizedCalibration(3)], concentration=2.0)
-    data = flow().sample((10,))
-
-    def model():
-        pyro.module("flow", flow)
-        with pyro.plate("data", 10):
-            pyro.sample("obs", flow(), obs=data)
-
-    trace = pyro.poutine.trace(model).get_trace()
-    trace.compute_log_prob()
-    torch.testing.assert_close(trace.nodes["obs"]["log_prob"], flow().log_prob(data))
-
-
-# Up to scale 0.5: the inverse flows then keep the entries of the intermediate points above
-# ~1e-12. Closer to the boundary the autodiff ratio loses accuracy (0.07 at an entry 5e-27, where
-# the closed form still agrees with 50-digit arithmetic to 1e-14).
-@given(n=st.integers(2, 4), seed=seeds, scale=st.floats(0.05, 0.5))
-def test_manifold_transform_matches_closed_forms(n, seed, scale):
-    closed = chain(n, seed, scale)
-    generic = [ManifoldTransform(f, simplex_projection, n - 1, n, inverse=f.inv) for f in closed]
-    base = Dirichlet(torch.full((n,), 2.0, dtype=torch.float64))
-    p = simplex_points(n, (8,), seed)
-    lp_closed = SimplexFlowDistribution(base, closed).log_prob(p)
-    lp_generic = SimplexFlowDistribution(base, generic).log_prob(p)
-    assert (lp_closed - lp_generic).abs().max() <= 1e-8
-    params = [t for f in closed for t in f.parameters()]
-    g_closed = torch.autograd.grad(lp_closed.sum(), params)
-    g_generic = torch.autograd.grad(lp_generic.sum(), params)
-    for a, b in zip(g_closed, g_generic, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-7, rtol=1e-7)
-
-
-# --- bad input ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_bad_input_raises(name):
-    f = build(name, 3, 0, 0.5)
-    with pytest.raises(ValueError, match=r"\(\*, 3\)"):
-        f(torch.full((2, 4), 0.25, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"\(\*, 3\)"):
-        f.inv(torch.full((2, 2), 0.5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="non-finite"):
-        f(torch.tensor([[float("nan"), 0.5, 0.5]], dtype=torch.float64))
-    off = torch.tensor([[0.2, 0.3, 0.5], [0.2, 0.3, 0.6]], dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"1 input point\(s\) off the simplex: .* up to 0\.1 "):
-        f(off)
-    with pytest.raises(ValueError, match="off the simplex"):
-        f.inv(off)
-    boundary = torch.tensor([[0.0, 0.4, 0.6]], dtype=torch.float64)
-    with pytest.raises(ValueError, match=r"open simplex .* smallest entry 0"):
-        f(boundary)
-    with pytest.raises(ValueError, match="smallest entry -0.1"):
-        f(torch.tensor([[-0.1, 0.5, 0.6]], dtype=torch.float64))
-    with pytest.raises(ValueError, match="features must be >= 2"):
-        CASES[name](1)
-    # Without validation a positive input is read as its projection p / sum(p).
-    with no_validation():
-        torch.testing.assert_close(f(3 * off), f(simplex_projection(off)))
-        torch.testing.assert_close(f.inv(3 * off), f.inv(simplex_projection(off)))
-
-
-def test_distribution_bad_values_raise():
+def test_simplex_bad_options_raise():
+    # Bad input of every flow and distribution: test_manifold_flows.py.
     base = Dirichlet(torch.full((3,), 2.0, dtype=torch.float64))
-    d = SimplexFlowDistribution(base, chain(3, 0, 0.5))
-    with pytest.raises(ValueError, match=r"off the simplex: \|sum\(p\) - 1\| up to 0\.5 "):
-        d.log_prob(torch.tensor([0.2, 0.3, 1.0], dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"outside the simplex \(entries >= 0\)"):
-        d.log_prob(torch.tensor([-0.2, 0.3, 0.9], dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"\(\*, 3\)"):
-        d.log_prob(torch.full((2,), 0.5, dtype=torch.float64))
-    with pytest.raises(ValueError, match="non-finite"):
-        d.log_prob(torch.tensor([float("nan"), 0.5, 0.5], dtype=torch.float64))
     with pytest.raises(ValueError, match="measure must be one of"):
         SimplexFlowDistribution(base, [], measure="surface")
-    with pytest.raises(ValueError, match=r"maps 2 to 2 features, the base has 3"):
-        SimplexFlowDistribution(base, [Calibration(2)])
     with pytest.raises(ValueError, match="concentration must be > 0"):
         SimplexFlow(3, [], concentration=0.0)
     with pytest.raises(ValueError, match="temperature must be > 0"):
         Calibration(3, temperature=-1.0)
-
-
-@pytest.mark.parametrize("module", [simplex, dist_simplex])
-def test_docstring_examples(module):
-    result = doctest.testmod(module, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
-    assert result.attempted > 0 and result.failed == 0
-
-
-@pytest.mark.cuda
-def test_cuda_matches_cpu():
-    flow = randomize(SimplexFlow(3, chain(3, 0, 0.5)).double(), 0, 0.5)
-    p = simplex_points(3, (16,), 0)
-    expected = flow().log_prob(p)
-    flow.cuda()
-    d = flow()
-    assert d.sample((4,)).device.type == "cuda"
-    torch.testing.assert_close(d.log_prob(p.cuda()).cpu(), expected)
 
 
 # --- measured errors ------------------------------------------------------------------------
@@ -624,11 +287,8 @@ def measure(draws: int = 300) -> None:
     import random
 
     torch.set_num_threads(1)
-    rng = random.Random(0)
-    worst: dict[str, float] = {}
-
-    def record(label, value):
-        worst[label] = max(worst.get(label, 0.0), float(value))
+    rng, worst = random.Random(0), Worst()
+    record = worst.record
 
     for _ in range(draws):
         seed, n, scale = rng.randrange(2**20), rng.randint(2, 5), rng.uniform(0.05, 1.0)
@@ -695,20 +355,10 @@ def measure(draws: int = 300) -> None:
     for _ in range(draws):
         seed, n = rng.randrange(2**20), rng.choice([2, 3])
         d = make_distribution(n, seed, rng.uniform(0.05, 0.7), validate_args=False)
-        record(f"|int_Delta^{n - 1} p_H dH - 1|", abs(alr_integral(d.log_prob, n) - 1))
-    for label, value in worst.items():
-        print(f"{label:50s} {value:.3g}")
+        record(f"|int_Delta^{n - 1} p_H dH - 1|", abs(SIMPLEX.integral(d.log_prob, n) - 1))
+    worst.report(50)
     print(f"({draws} draws each; n in 2..5, raw scale <= 1; quadrature range as in the tests)")
-    for case in GOF_CASES:
-        n, seed, scale = case
-        torch.manual_seed(seed)
-        d = make_distribution(n, seed, scale)
-        leb = make_distribution(n, seed, scale, "lebesgue")
-        with torch.no_grad():
-            q = d.sample((4000 if n < 4 else 6000,))
-            p_true = nearest_neighbour_gof(q, d.log_prob(q), n - 1)
-            p_wrong = nearest_neighbour_gof(q, leb.log_prob(q), n - 1)
-        print(f"GOF {case}: p = {p_true:.3g} (Lebesgue density read as Hausdorff: {p_wrong:.3g})")
+    report_goodness_of_fit(SIMPLEX)
 
 
 if __name__ == "__main__":

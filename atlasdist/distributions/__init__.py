@@ -1,5 +1,6 @@
 """Distributions on manifolds."""
 
+from ..manifolds import log_sphere_area, simplex_hausdorff_log_factor
 from .atlas import AtlasFlowDistribution
 from .free_form import (
     FreeFormEmbedding,
@@ -13,8 +14,8 @@ from .manifold_prior import (
     largest_gap_dimension,
     spread_negative_log_likelihood,
 )
-from .simplex import SimplexFlow, SimplexFlowDistribution, simplex_hausdorff_log_factor
-from .sphere import SphereFlow, SphereFlowDistribution, UniformSphere, log_sphere_area
+from .simplex import SimplexFlow, SimplexFlowDistribution
+from .sphere import SphereFlow, SphereFlowDistribution, UniformSphere
 
 __all__ = [
     "AtlasFlowDistribution",

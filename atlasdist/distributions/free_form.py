@@ -20,10 +20,11 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import Distribution, Independent, Normal
+from torch.distributions import Distribution
 
 from .._checks import check_features, no_validation, validation_enabled
 from ..geometry import jacobian
+from ..lazy import LazyDistribution
 from ..transforms.injective import InjectiveTransform
 from .embedded import EmbeddedDistribution, latent_dim_of
 
@@ -311,10 +312,13 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
             return (self.decode(self.encode(x)) - x).norm(dim=-1).max()
 
 
-class FreeFormInjectiveFlow(nn.Module):
+class FreeFormInjectiveFlow(LazyDistribution):
     r"""A free-form injective flow :math:`x = g(z)`, :math:`z \sim q`, with an encoder
-    :math:`f \approx g^{-1}`; ``flow()`` (or calling the module) returns the
-    :class:`FreeFormInjectiveDistribution`.
+    :math:`f \approx g^{-1}`: a lazy module (:class:`~atlasdist.lazy.LazyDistribution`) whose
+    ``forward()`` (or ``flow()``) returns the :class:`FreeFormInjectiveDistribution`.
+
+    It takes no conditioning input: ``module(c)`` raises ``ValueError`` (the encoder and
+    decoder are the user's networks, so a context would have to be one of their inputs).
 
     Any networks qualify; train with :func:`atlasdist.training.fif.fif_loss`, which makes
     :math:`f` a left inverse of :math:`g` on the data and fits the likelihood.
@@ -378,19 +382,16 @@ class FreeFormInjectiveFlow(nn.Module):
     def extra_repr(self) -> str:
         return f"latent_features={self.latent_features}, features={self.features}"
 
-    def base_distribution(self) -> Distribution:
-        r""":math:`q`: the given base, or a standard normal on :math:`\mathbb{R}^d` on the
-        module's device and dtype."""
-        if self.base is not None:
-            return self.base
-        loc = self._base_loc
-        return Independent(Normal(loc, torch.ones_like(loc)), 1)
-
-    def flow(
-        self, noise_scale: float | None = ..., validate_args: bool | None = None
+    def forward(
+        self,
+        c: torch.Tensor | None = None,
+        *,
+        noise_scale: float | None = ...,
+        validate_args: bool | None = None,
     ) -> FreeFormInjectiveDistribution:
         """The distribution with the current parameters (``noise_scale`` overrides the
-        module's)."""
+        module's); ``flow(...)`` is an alias. ``c`` must be ``None``."""
+        self._no_context(c)
         return FreeFormInjectiveDistribution(
             self.base_distribution(),
             self.encoder,
@@ -401,9 +402,6 @@ class FreeFormInjectiveFlow(nn.Module):
             chunk_size=self.chunk_size,
             validate_args=validate_args,
         )
-
-    def forward(self) -> FreeFormInjectiveDistribution:
-        return self.flow()
 
 
 def _in_features(module) -> int | None:

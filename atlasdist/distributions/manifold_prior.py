@@ -26,6 +26,8 @@ from pyro.nn import ConditionalDenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
 
+from ..lazy import LazyDistribution
+
 __all__ = [
     "ManifoldPrior",
     "ManifoldPriorFlow",
@@ -115,9 +117,11 @@ def _rotation(skew: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(upper - upper.mT)
 
 
-class ManifoldPrior(nn.Module):
+class ManifoldPrior(LazyDistribution):
     r"""The learnable base :math:`q = \mathcal{N}(0,\; R\,\mathrm{diag}(s^2)\,R^\top +
-    \sigma^2 I_D)`, :math:`s_i = \exp(\ell_i)`; calling the module returns the distribution.
+    \sigma^2 I_D)`, :math:`s_i = \exp(\ell_i)`; calling the module (a
+    :class:`~atlasdist.lazy.LazyDistribution`, without a conditioning input) returns the
+    distribution.
 
     - ``rotation=False``: :math:`R = I`, a diagonal Gaussian with learnable log-scales.
     - ``rotation=True``: :math:`R = \exp(A - A^\top)` is a learnable rotation, so the
@@ -199,7 +203,10 @@ class ManifoldPrior(nn.Module):
             return torch.diag_embed(var)
         return (R * var.unsqueeze(-2)) @ R.mT
 
-    def forward(self) -> dist.TorchDistribution:
+    def forward(self, c: torch.Tensor | None = None) -> dist.TorchDistribution:
+        """The prior with the current parameters; ``flow()`` is an alias. ``c`` must be
+        ``None``."""
+        self._no_context(c)
         scale = (self.scales.pow(2) + self.noise**2).sqrt()
         base = dist.Normal(torch.zeros_like(scale), scale).to_event(1)
         R = self.rotation()
@@ -238,10 +245,14 @@ def _default_splits(D: int) -> list[int]:
     return sorted({round(v) for v in torch.linspace(1, D - 1, 8).tolist()})
 
 
-class ManifoldPriorFlow(nn.Module):
+class ManifoldPriorFlow(LazyDistribution):
     r"""A full-dimensional flow :math:`p(x) = q(f(x))\,|\det J_f(x)|` on :math:`\mathbb{R}^D`
-    with a learned :class:`ManifoldPrior` :math:`q`, over :math:`K \ge 1` charts;
-    ``flow()`` returns the Pyro ``TransformedDistribution``.
+    with a learned :class:`ManifoldPrior` :math:`q`, over :math:`K \ge 1` charts: a lazy
+    module (:class:`~atlasdist.lazy.LazyDistribution`) whose ``forward()`` (or ``flow()``)
+    returns the Pyro ``TransformedDistribution``.
+
+    It takes no conditioning input: ``module(c)`` raises ``ValueError`` (its couplings are
+    already conditioned, on the chart index).
 
     Chart :math:`k` maps :math:`x` to the prior's space by
 
@@ -505,10 +516,12 @@ class ManifoldPriorFlow(nn.Module):
 
     # The distribution -------------------------------------------------------------------------
 
-    def flow(self) -> dist.TransformedDistribution:
+    def forward(self, c: torch.Tensor | None = None) -> dist.TransformedDistribution:
         r"""The chart densities :math:`p_k`: a Pyro ``TransformedDistribution`` with event
         shape :math:`(D,)` and batch shape :math:`(K,)` (:math:`()` for one chart); evaluate
-        a point in every chart with ``log_prob(x.unsqueeze(-2))``."""
+        a point in every chart with ``log_prob(x.unsqueeze(-2))``. ``flow()`` is an alias;
+        ``c`` must be ``None``."""
+        self._no_context(c)
         K = self.num_charts
         if K == 1:
             context = self.centre.new_ones(1)
@@ -519,9 +532,6 @@ class ManifoldPriorFlow(nn.Module):
         inverse = [layer.condition(context).inv for layer in reversed(self.couplings)]
         to_data = _Orthogonal(frame, self.centre + self.scale * loc, self.scale)
         return dist.TransformedDistribution(self.prior(), inverse + [to_data])
-
-    def forward(self) -> dist.TransformedDistribution:
-        return self.flow()
 
     # The spectrum -----------------------------------------------------------------------------
 

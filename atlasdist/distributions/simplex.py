@@ -1,22 +1,16 @@
 r"""Distributions on the probability simplex :math:`\Delta^{n-1} \subset \mathbb{R}^n` built by
 calibration flows.
 
-**Measure.** Two measures on the simplex are in use, and they differ by a constant:
-
-- the **Hausdorff (surface) measure** :math:`\mathcal{H}^{n-1}` of :math:`\Delta^{n-1}` as a
-  subset of :math:`\mathbb{R}^n` (the :math:`(n-1)`-dimensional volume on the manifold, the
-  measure of every other density in atlasdist; :math:`\mathcal{H}^{n-1}(\Delta^{n-1}) =
-  \sqrt{n} / (n-1)!`);
-- the **Lebesgue measure** :math:`dp_1 \cdots dp_{n-1}` of the first :math:`n-1`
-  coordinates, torch's convention (``Dirichlet.log_prob``, ``StickBreakingTransform``).
-
-Since :math:`d\mathcal{H}^{n-1} = \sqrt{n}\, dp_1 \cdots dp_{n-1}` (reference/003, "Simplex
-flow"),
+**Measure.** Two measures on the simplex are in use (:mod:`atlasdist.manifolds.simplex`): the
+Hausdorff (surface) measure :math:`\mathcal{H}^{n-1}` of :math:`\Delta^{n-1}` in
+:math:`\mathbb{R}^n`, the measure of every other density in atlasdist, and torch's Lebesgue
+measure :math:`dp_1 \cdots dp_{n-1}` of the first :math:`n-1` coordinates (``Dirichlet``).
+Since :math:`d\mathcal{H}^{n-1} = \sqrt{n}\, dp_1 \cdots dp_{n-1}`,
 
 .. math::
     \log p_{\mathcal{H}}(p) = \log p_\mathrm{Leb}(p) - \tfrac{1}{2}\log n
 
-(:func:`simplex_hausdorff_log_factor`).
+(:func:`~atlasdist.manifolds.simplex_hausdorff_log_factor`).
 
 :class:`SimplexFlowDistribution` returns densities w.r.t. the Hausdorff measure by default
 (``measure="hausdorff"``) and w.r.t. torch's Lebesgue measure with ``measure="lebesgue"``,
@@ -26,32 +20,25 @@ the flows do not depend on this choice.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import Dirichlet, TransformedDistribution
+from pyro.distributions import Dirichlet
 from torch import nn
-from torch.distributions import Distribution, Transform, constraints
+from torch.distributions import Distribution, Transform
 
-from .._checks import check_features
-from ..transforms.simplex import check_on_simplex
-from .sphere import check_chain
+from ..manifolds.simplex import check_on_simplex, unit_simplex
+from ..manifolds.simplex import simplex_hausdorff_log_factor as simplex_hausdorff_log_factor
+from .chain import ChainDistribution, ChainFlow, check_value
 
-__all__ = ["SimplexFlowDistribution", "SimplexFlow", "simplex_hausdorff_log_factor"]
+# simplex_hausdorff_log_factor lives in atlasdist.manifolds.simplex; it stays importable from
+# here.
+__all__ = ["SimplexFlowDistribution", "SimplexFlow"]
 
 MEASURES = ("hausdorff", "lebesgue")
 
 
-def simplex_hausdorff_log_factor(features: int) -> float:
-    r""":math:`\log \frac{d\mathcal{H}^{n-1}}{dp_1 \cdots dp_{n-1}} = \frac{1}{2}\log n`,
-    :math:`n` = ``features``: subtract it from a log-density w.r.t. the Lebesgue measure of the
-    first :math:`n-1` coordinates (torch's ``Dirichlet``) to get one w.r.t. the Hausdorff
-    measure of the simplex."""
-    return 0.5 * math.log(features)
-
-
-class SimplexFlowDistribution(TransformedDistribution):
+class SimplexFlowDistribution(ChainDistribution):
     r"""The pushforward :math:`p(q) = p_0(p) \prod_k R_{f_k}(p_{k-1})^{-1}` of a distribution
     on :math:`\Delta^{n-1}` by a chain of calibration flows,
     :math:`q = f_K \circ \dots \circ f_1(p)`.
@@ -87,6 +74,8 @@ class SimplexFlowDistribution(TransformedDistribution):
     Cost: that of the flows (:math:`O(n^2)` per point each) plus the base.
     """
 
+    min_features = 2
+
     def __init__(
         self,
         base: Distribution,
@@ -96,19 +85,18 @@ class SimplexFlowDistribution(TransformedDistribution):
     ):
         if measure not in MEASURES:
             raise ValueError(f"SimplexFlowDistribution: measure must be one of {MEASURES}")
-        transforms = check_chain("SimplexFlowDistribution", base, transforms, min_features=2)
-        n = base.event_shape[0]
+        super().__init__(base, transforms, validate_args=validate_args)
+        n = self.event_shape[0]
         base_measure = getattr(base, "measure", "lebesgue")
         self.measure = measure
         # log(d base measure / d target measure): 1/2 log n from Lebesgue to Hausdorff.
         self._log_factor = simplex_hausdorff_log_factor(n) * (
             (measure == "hausdorff") - (base_measure == "hausdorff")
         )
-        super().__init__(base, transforms, validate_args=validate_args)
 
     @property
     def support(self):
-        return constraints.simplex
+        return unit_simplex
 
     def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(SimplexFlowDistribution, _instance)
@@ -119,26 +107,26 @@ class SimplexFlowDistribution(TransformedDistribution):
         n = self.event_shape[0]
         if self._validate_args:
             name = type(self).__name__
-            check_features(value, n, name, "value")
-            if not bool(torch.isfinite(value).all()):
-                raise ValueError(f"{name}: value holds non-finite (NaN or inf) entries")
+            check_value(name, value, n)
             check_on_simplex(value, name, "value", open_=False, enabled=True)
-        y = value
-        log_prob = 0.0
-        for t in reversed(self.transforms):
-            x = t.inv(y)
-            log_prob = log_prob - t.log_abs_det_jacobian(x, y)
-            y = x
-        return log_prob + self.base_dist.log_prob(y) - self._log_factor
+        x, log_prob = self.pull_back(value)
+        return log_prob + self.base_dist.log_prob(x) - self._log_factor
 
 
-class SimplexFlow(nn.Module):
-    r"""Learnable flow on :math:`\Delta^{n-1}`: an ``nn.Module`` whose ``forward()`` returns a
-    :class:`SimplexFlowDistribution` with a learnable ``Dirichlet`` base.
+class SimplexFlow(ChainFlow):
+    r"""Learnable flow on :math:`\Delta^{n-1}`: a lazy module
+    (:class:`~atlasdist.lazy.LazyDistribution`) whose ``forward(c=None)`` returns a
+    :class:`SimplexFlowDistribution` with a learnable ``Dirichlet`` base, :math:`p(x)` or,
+    with ``context_features`` :math:`> 0`, :math:`p(x \mid c)`.
 
     The base concentration is :math:`\alpha = e^{\beta}` for an unconstrained parameter
     ``log_concentration`` :math:`\beta`. Parameters live in the module, so ``.to(device)``,
     ``state_dict``, optimizers and ``pyro.module`` work.
+
+    **Conditioning** (:class:`~atlasdist.distributions.chain.ChainFlow`): with
+    ``context_features`` :math:`k > 0`, ``module(c)`` for :math:`c` of shape :math:`(B, k)` is
+    :math:`p(x \mid c)` with batch shape :math:`(B,)`, the flows' parameters produced from
+    :math:`c` by hypernetworks; the base does not depend on :math:`c`.
 
     Arguments:
         features: :math:`n`.
@@ -147,12 +135,18 @@ class SimplexFlow(nn.Module):
         concentration: initial :math:`\alpha > 0` (scalar or shape :math:`(n,)`).
         measure: ``"hausdorff"`` (default) or ``"lebesgue"``, see
             :class:`SimplexFlowDistribution`.
+        context_features: size :math:`k` of the conditioning input (0: none).
+        hidden: hidden sizes of each flow's hypernetwork.
 
     Example:
         >>> from atlasdist.transforms.simplex import GeneralizedCalibration
         >>> flow = SimplexFlow(3, [GeneralizedCalibration(3)], concentration=2.0)
         >>> p = flow().sample((64,))
         >>> (-flow().log_prob(p).mean()).backward()
+        >>> conditional = SimplexFlow(3, [GeneralizedCalibration(3)], context_features=2)
+        >>> q = conditional(torch.randn(5, 2))  # p(x | c) for 5 inputs c
+        >>> tuple(q.batch_shape), q.sample((4,)).shape, q.log_prob(p[:5]).shape
+        ((5,), torch.Size([4, 5, 3]), torch.Size([5]))
     """
 
     def __init__(
@@ -161,13 +155,11 @@ class SimplexFlow(nn.Module):
         transforms: Sequence[Transform] = (),
         concentration: float | torch.Tensor = 1.0,
         measure: str = "hausdorff",
+        *,
+        context_features: int = 0,
+        hidden: Sequence[int] = (32,),
     ):
-        super().__init__()
-        self.features = int(features)
-        self.transforms = list(transforms)
-        self.transform_modules = nn.ModuleList(
-            [t for t in self.transforms if isinstance(t, nn.Module)]
-        )
+        super().__init__(features, transforms, context_features, hidden)
         alpha = torch.as_tensor(concentration, dtype=torch.get_default_dtype())
         if not bool((alpha > 0).all()):
             raise ValueError("SimplexFlow: concentration must be > 0")
@@ -176,14 +168,16 @@ class SimplexFlow(nn.Module):
             raise ValueError(f"SimplexFlow: measure must be one of {MEASURES}")
         self.measure = measure
 
-    def forward(self) -> SimplexFlowDistribution:
-        base = Dirichlet(self.log_concentration.exp())
-        return SimplexFlowDistribution(base, self.transforms, measure=self.measure)
+    def forward(
+        self, c: torch.Tensor | None = None, *, validate_args: bool | None = None
+    ) -> SimplexFlowDistribution:
+        r"""The distribution with the current parameters, :math:`p(x)` or :math:`p(x \mid c)`
+        for ``c`` of shape :math:`(*B, k)` (batch shape :math:`(*B)`); ``flow(...)`` is an
+        alias."""
+        transforms, batch_shape = self.conditioned(c)
+        alpha = self.log_concentration.exp().expand(batch_shape + (self.features,))
+        base = Dirichlet(alpha)
+        return SimplexFlowDistribution(base, transforms, self.measure, validate_args)
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, measure={self.measure!r}"
-
-    def flow(self) -> SimplexFlowDistribution:
-        """The distribution with the current parameters (same as calling the module; the
-        name the other lazy modules use, e.g. for :func:`atlasdist.training.fit`)."""
-        return self()
+        return f"{super().extra_repr()}, measure={self.measure!r}"

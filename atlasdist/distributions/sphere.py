@@ -3,62 +3,32 @@ r"""Distributions on the unit sphere :math:`S^{n-1} \subset \mathbb{R}^n` built 
 Every density here is a density w.r.t. the **surface measure** of the sphere (the
 :math:`(n-1)`-dimensional Hausdorff measure of :math:`S^{n-1}` as a subset of
 :math:`\mathbb{R}^n`; :math:`\sin\theta\, d\theta\, d\phi` on :math:`S^2`), the measure of
-Pyro's ``ProjectedNormal``. A flow :math:`f` pushes a base density to
-:math:`p(y) = p_0(x) / R_f(x)`, :math:`x = f^{-1}(y)`, with :math:`R_f` the differential volume
-ratio of :mod:`atlasdist.transforms.sphere`.
+Pyro's ``ProjectedNormal`` (:mod:`atlasdist.manifolds.sphere`). A flow :math:`f` pushes a
+base density to :math:`p(y) = p_0(x) / R_f(x)`, :math:`x = f^{-1}(y)`, with :math:`R_f` the
+differential volume ratio of :mod:`atlasdist.transforms.sphere`.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import ProjectedNormal, TorchDistribution, TransformedDistribution
+from pyro.distributions import ProjectedNormal, TorchDistribution
 from torch import nn
 from torch.distributions import Distribution, Transform
 
-from .._checks import check_features
-from ..transforms.manifold import sphere_projection
-from ..transforms.sphere import check_on_sphere, unit_sphere
+from ..manifolds.sphere import check_on_sphere, sphere_projection, unit_sphere
+from ..manifolds.sphere import log_sphere_area as log_sphere_area
+from .chain import ChainDistribution, ChainFlow, check_value
 
-__all__ = ["UniformSphere", "SphereFlowDistribution", "SphereFlow", "log_sphere_area"]
-
-
-def log_sphere_area(features: int) -> float:
-    r""":math:`\log|S^{n-1}| = \log\big(2\pi^{n/2} / \Gamma(n/2)\big)`, :math:`n` =
-    ``features`` (:math:`2\pi` for the circle, :math:`4\pi` for :math:`S^2`)."""
-    return math.log(2) + 0.5 * features * math.log(math.pi) - math.lgamma(0.5 * features)
+# log_sphere_area lives in atlasdist.manifolds.sphere; it stays importable from here.
+__all__ = ["UniformSphere", "SphereFlowDistribution", "SphereFlow"]
 
 
 def _check_value(dist: Distribution, value: torch.Tensor, n: int) -> None:
     name = type(dist).__name__
-    check_features(value, n, name, "value")
-    if not bool(torch.isfinite(value).all()):
-        raise ValueError(f"{name}: value holds non-finite (NaN or inf) entries")
+    check_value(name, value, n)
     check_on_sphere(value, name, "value", enabled=True)
-
-
-def check_chain(name: str, base, transforms, min_features: int) -> list:
-    """The transforms as a list, each mapping the base's n features to n (ValueError
-    otherwise); shared by the sphere and simplex flow distributions."""
-    if isinstance(transforms, Transform):
-        transforms = [transforms]
-    transforms = list(transforms)
-    if len(base.event_shape) != 1 or base.event_shape[0] < min_features:
-        raise ValueError(
-            f"{name}: the base must have event shape (n,), n >= {min_features}, got "
-            f"{tuple(base.event_shape)}"
-        )
-    n = base.event_shape[0]
-    for i, t in enumerate(transforms):
-        features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
-        if features != (n, n):
-            raise ValueError(
-                f"{name}: transform {i} ({type(t).__name__}) maps "
-                f"{features[0]} to {features[1]} features, the base has {n}"
-            )
-    return transforms
 
 
 class UniformSphere(TorchDistribution):
@@ -132,7 +102,7 @@ class UniformSphere(TorchDistribution):
         )
 
 
-class SphereFlowDistribution(TransformedDistribution):
+class SphereFlowDistribution(ChainDistribution):
     r"""The pushforward :math:`p(y) = p_0(x) \prod_k R_{f_k}(x_{k-1})^{-1}` of a distribution on
     :math:`S^{n-1}` by a chain of sphere flows, :math:`y = f_K \circ \dots \circ f_1(x)`.
 
@@ -144,7 +114,7 @@ class SphereFlowDistribution(TransformedDistribution):
     :math:`(*, \text{batch})`.
 
     **Validation.** With ``validate_args``, a value off the sphere by more than
-    :func:`~atlasdist.transforms.sphere.sphere_tolerance` raises ``ValueError`` stating the
+    :func:`~atlasdist.manifolds.sphere_tolerance` raises ``ValueError`` stating the
     distance; otherwise values are projected radially, :math:`y \mapsto y / |y|`.
 
     Arguments:
@@ -162,15 +132,6 @@ class SphereFlowDistribution(TransformedDistribution):
     Cost: that of the flows (:math:`O(n^2)` per point each) plus the base.
     """
 
-    def __init__(
-        self,
-        base: Distribution,
-        transforms: Transform | Sequence[Transform] = (),
-        validate_args: bool | None = None,
-    ):
-        transforms = check_chain("SphereFlowDistribution", base, transforms, min_features=1)
-        super().__init__(base, transforms, validate_args=validate_args)
-
     @property
     def support(self):
         return unit_sphere
@@ -183,22 +144,24 @@ class SphereFlowDistribution(TransformedDistribution):
         n = self.event_shape[0]
         if self._validate_args:
             _check_value(self, value, n)
-        y = sphere_projection(value)
-        log_prob = 0.0
-        for t in reversed(self.transforms):
-            x = t.inv(y)
-            log_prob = log_prob - t.log_abs_det_jacobian(x, y)
-            y = x
-        return log_prob + self.base_dist.log_prob(sphere_projection(y))
+        x, log_prob = self.pull_back(sphere_projection(value))
+        return log_prob + self.base_dist.log_prob(sphere_projection(x))
 
 
-class SphereFlow(nn.Module):
-    r"""Learnable flow on :math:`S^{n-1}`: an ``nn.Module`` whose ``forward()`` returns a
-    :class:`SphereFlowDistribution` (density w.r.t. the surface measure).
+class SphereFlow(ChainFlow):
+    r"""Learnable flow on :math:`S^{n-1}`: a lazy module
+    (:class:`~atlasdist.lazy.LazyDistribution`) whose ``forward(c=None)`` returns a
+    :class:`SphereFlowDistribution` (density w.r.t. the surface measure), :math:`p(x)` or,
+    with ``context_features`` :math:`> 0`, :math:`p(x \mid c)`.
 
     Parameters live in the module, so ``.to(device)``, ``state_dict``, optimizers and
-    ``pyro.module`` work; the distribution is rebuilt (cheaply) on every call, on the module's
-    device and dtype.
+    ``pyro.module`` work; the distribution is rebuilt (cheaply) on every call, its base on the
+    module's device and dtype.
+
+    **Conditioning** (:class:`~atlasdist.distributions.chain.ChainFlow`): with
+    ``context_features`` :math:`k > 0`, ``module(c)`` for :math:`c` of shape :math:`(B, k)` is
+    :math:`p(x \mid c)` with batch shape :math:`(B,)`, the flows' parameters produced from
+    :math:`c` by hypernetworks; the base does not depend on :math:`c`.
 
     Arguments:
         features: :math:`n`.
@@ -206,6 +169,8 @@ class SphereFlow(nn.Module):
         base: ``"uniform"`` (:class:`UniformSphere`) or ``"projected_normal"`` (Pyro's
             ``ProjectedNormal`` with a learnable concentration vector, zero, i.e. uniform, at
             initialization; its ``log_prob`` exists for :math:`n \le 4` only).
+        context_features: size :math:`k` of the conditioning input (0: none).
+        hidden: hidden sizes of each flow's hypernetwork.
 
     Example:
         >>> from atlasdist.transforms.sphere import NormalizedAffine, NormalizedTranslation
@@ -213,15 +178,22 @@ class SphereFlow(nn.Module):
         >>> x = flow().sample((64,))
         >>> loss = -flow().log_prob(x).mean()
         >>> loss.backward()
+        >>> conditional = SphereFlow(3, [NormalizedAffine(3)], context_features=2)
+        >>> p = conditional(torch.randn(5, 2))  # p(x | c) for 5 inputs c
+        >>> tuple(p.batch_shape), p.sample((4,)).shape, p.log_prob(x[:5]).shape
+        ((5,), torch.Size([4, 5, 3]), torch.Size([5]))
     """
 
-    def __init__(self, features: int, transforms: Sequence[Transform] = (), base: str = "uniform"):
-        super().__init__()
-        self.features = int(features)
-        self.transforms = list(transforms)
-        self.transform_modules = nn.ModuleList(
-            [t for t in self.transforms if isinstance(t, nn.Module)]
-        )
+    def __init__(
+        self,
+        features: int,
+        transforms: Sequence[Transform] = (),
+        base: str = "uniform",
+        *,
+        context_features: int = 0,
+        hidden: Sequence[int] = (32,),
+    ):
+        super().__init__(features, transforms, context_features, hidden)
         if base == "uniform":
             self.concentration = None
             # Carries the module's dtype and device to the parameter-free base.
@@ -240,19 +212,21 @@ class SphereFlow(nn.Module):
             )
         self.base = base
 
-    def forward(self) -> SphereFlowDistribution:
+    def forward(
+        self, c: torch.Tensor | None = None, *, validate_args: bool | None = None
+    ) -> SphereFlowDistribution:
+        r"""The distribution with the current parameters, :math:`p(x)` or :math:`p(x \mid c)`
+        for ``c`` of shape :math:`(*B, k)` (batch shape :math:`(*B)`); ``flow(...)`` is an
+        alias."""
+        transforms, batch_shape = self.conditioned(c)
         if self.concentration is None:
+            anchor = self._anchor
             base = UniformSphere(
-                self.features, dtype=self._anchor.dtype, device=self._anchor.device
+                self.features, batch_shape, dtype=anchor.dtype, device=anchor.device
             )
         else:
-            base = ProjectedNormal(self.concentration)
-        return SphereFlowDistribution(base, self.transforms)
+            base = ProjectedNormal(self.concentration.expand(batch_shape + (self.features,)))
+        return SphereFlowDistribution(base, transforms, validate_args=validate_args)
 
     def extra_repr(self) -> str:
-        return f"features={self.features}, base={self.base!r}"
-
-    def flow(self) -> SphereFlowDistribution:
-        """The distribution with the current parameters (same as calling the module; the
-        name the other lazy modules use, e.g. for :func:`atlasdist.training.fit`)."""
-        return self()
+        return f"{super().extra_repr()}, base={self.base!r}"

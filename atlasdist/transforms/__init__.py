@@ -1,5 +1,12 @@
 """Injective, conformal and chart-conditioned transforms."""
 
+from ..manifolds import (
+    helmert_basis,
+    simplex_projection,
+    sphere_projection,
+    sphere_tolerance,
+    unit_sphere,
+)
 from .conditional import (
     ChartContext,
     ChartDenseNN,
@@ -37,16 +44,10 @@ from .injective import (
     compose,
     is_conformal,
 )
-from .manifold import ManifoldTransform, qr_parametrized, simplex_projection, sphere_projection
+from .manifold import ManifoldFlow, ManifoldTransform, qr_parametrized
 from .product import ProductEmbedding
-from .simplex import Calibration, GeneralizedCalibration, helmert_basis
-from .sphere import (
-    NormalizedAffine,
-    NormalizedLinear,
-    NormalizedTranslation,
-    sphere_tolerance,
-    unit_sphere,
-)
+from .simplex import Calibration, GeneralizedCalibration
+from .sphere import NormalizedAffine, NormalizedLinear, NormalizedTranslation
 from .spline import RationalQuadraticSpline, spline_knots
 
 __all__ = [
@@ -80,6 +81,7 @@ __all__ = [
     "GeneralizedCalibration",
     "helmert_basis",
     "ManifoldTransform",
+    "ManifoldFlow",
     "sphere_projection",
     "simplex_projection",
     "qr_parametrized",

@@ -90,9 +90,16 @@ def condition(part, context):
 
 
 class Hypernet(nn.Module):
-    """MLP ``context (*, c) -> parameters (*, p)`` with zero-initialised output layer."""
+    """MLP ``context (*, c) -> parameters (*, p)`` whose output layer starts at weight zero and
+    bias ``initial`` (default zero): at the start it gives ``initial`` for every context."""
 
-    def __init__(self, context_features: int, out_features: int, hidden: Sequence[int] = (32,)):
+    def __init__(
+        self,
+        context_features: int,
+        out_features: int,
+        hidden: Sequence[int] = (32,),
+        initial: torch.Tensor | None = None,
+    ):
         super().__init__()
         if int(context_features) < 1:
             raise ValueError(f"context_features must be >= 1, got {context_features}")
@@ -105,6 +112,14 @@ class Hypernet(nn.Module):
         last = nn.Linear(sizes[-1], out_features)
         nn.init.zeros_(last.weight)
         nn.init.zeros_(last.bias)
+        if initial is not None:
+            initial = torch.as_tensor(initial).reshape(-1)
+            if initial.shape != (out_features,):
+                raise ValueError(
+                    f"Hypernet: initial must have {out_features} entries, got {initial.numel()}"
+                )
+            with torch.no_grad():
+                last.bias.copy_(initial)
         self.net = nn.Sequential(*layers, last)
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
@@ -177,6 +192,8 @@ class Conditional(ConditionalTransformModule):
         hidden: hidden sizes of the hypernet.
         table: per-chart raw parameters (table source).
         learnable: whether a table given as a tensor is learnable.
+        initial: with a hypernet, the raw parameters it gives every context at the start
+            (flattened, in ``parameter_shapes`` order; default zero, the layer's fixed map).
         options: further keyword arguments of the layer (e.g. ``radius`` of a Möbius map).
 
     Example:
@@ -194,6 +211,7 @@ class Conditional(ConditionalTransformModule):
         hidden: Sequence[int] = (32,),
         table=None,
         learnable: bool = True,
+        initial: torch.Tensor | None = None,
         **options,
     ):
         super().__init__()
@@ -221,7 +239,7 @@ class Conditional(ConditionalTransformModule):
                 "context) or a per-chart table"
             )
         else:
-            source = Hypernet(context_features, total, hidden)
+            source = Hypernet(context_features, total, hidden, initial=initial)
         if source.out_features != total:
             raise ValueError(
                 f"Conditional({layer.__name__}): the source gives {source.out_features} "

@@ -29,23 +29,13 @@ from torch.distributions import constraints
 
 from .._checks import no_validation
 from ..geometry import jacobian, tangent_frame
+from ..manifolds.simplex import simplex_projection as simplex_projection
+from ..manifolds.sphere import sphere_projection as sphere_projection
+from .conformal import store
 from .injective import EventTransform
 
-__all__ = ["ManifoldTransform", "sphere_projection", "simplex_projection"]
-
-
-def sphere_projection(z: torch.Tensor) -> torch.Tensor:
-    r"""Radial projection :math:`\pi(z) = z / |z|` of :math:`\mathbb{R}^n \setminus \{0\}` onto
-    the unit sphere :math:`S^{n-1}`; ``z`` has shape :math:`(*, n)`. Its Jacobian on the sphere
-    is the orthogonal tangent projection :math:`I - x x^\top`."""
-    return z / z.norm(dim=-1, keepdim=True)
-
-
-def simplex_projection(z: torch.Tensor) -> torch.Tensor:
-    r"""Projection :math:`\pi(z) = z / \sum_i z_i` of the positive orthant onto the simplex
-    :math:`\Delta^{n-1}`; ``z`` has shape :math:`(*, n)`. Its Jacobian on the simplex is the
-    oblique tangent projection :math:`I - x \mathbf{1}^\top`."""
-    return z / z.sum(-1, keepdim=True)
+# sphere_projection and simplex_projection live in atlasdist.manifolds; importable from here too.
+__all__ = ["ManifoldTransform", "ManifoldFlow", "qr_parametrized", "qr_inverse"]
 
 
 def qr_parametrized(
@@ -85,8 +75,61 @@ def qr_parametrized(
 
 def qr_inverse(q: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     r""":math:`M^{-1} = R^{-1} Q^{-1}` by an LU solve and a triangular solve (:math:`O(n^3)`,
-    once per call)."""
+    once per call); batched over leading dimensions like :func:`qr_parametrized`."""
     return torch.linalg.solve_triangular(r, torch.linalg.inv(q), upper=True)
+
+
+class ManifoldFlow(EventTransform):
+    r"""Base of the closed-form flows on a manifold (:mod:`atlasdist.transforms.sphere`,
+    :mod:`atlasdist.transforms.simplex`): a bijection whose learnable parameters are
+    unconstrained raw values, all 0 for the identity, and which can be conditioned.
+
+    Like the conformal layers, it declares the shapes of its raw parameters
+    (:meth:`parameter_shapes`) and builds itself from a batch of them (:meth:`from_parameters`),
+    so :class:`~atlasdist.transforms.Conditional` can produce them from a context: raw
+    parameters with leading shape :math:`(*B)` give one flow per row, for points of shape
+    :math:`(*, *B, n)`.
+
+    Example:
+        >>> from atlasdist.transforms.sphere import NormalizedTranslation
+        >>> NormalizedTranslation.parameter_shapes(3)
+        {'raw': (3,)}
+        >>> f = NormalizedTranslation.from_parameters(3, {"raw": torch.zeros(5, 3)})
+        >>> f(torch.tensor([0.0, 0.0, 1.0])).shape  # five flows, one point
+        torch.Size([5, 3])
+    """
+
+    bijective = True
+    manifold = "a manifold"  # named by the error on too few features
+
+    def __init__(self, features: int):
+        super().__init__(cache_size=0)
+        if int(features) < 2:
+            raise ValueError(
+                f"{self.name}: features must be >= 2 ({self.manifold}), got {features}"
+            )
+        self.in_features = self.out_features = int(features)
+
+    def extra_repr(self) -> str:
+        return f"features={self.in_features}"
+
+    @classmethod
+    def parameter_shapes(cls, features: int) -> dict[str, tuple[int, ...]]:
+        """Name and shape of each raw parameter of the flow on ``features`` coordinates."""
+        return {name: tuple(p.shape) for name, p in cls(features).named_parameters()}
+
+    @classmethod
+    def from_parameters(
+        cls, features: int, params: dict[str, torch.Tensor], index: torch.Tensor | None = None
+    ) -> ManifoldFlow:
+        r"""The flow with the given raw parameters, each of shape :math:`(*B, \dots)`
+        (:math:`(K, \dots)` gathered by ``index``, shape :math:`(B,)`, when given); a tensor
+        with a graph (a hypernetwork's output) stays differentiable."""
+        flow = cls(features)
+        for name, value in params.items():
+            delattr(flow, name)
+            store(flow, name, value if index is None else value.index_select(0, index))
+        return flow
 
 
 class ManifoldTransform(EventTransform):
@@ -95,19 +138,22 @@ class ManifoldTransform(EventTransform):
     :math:`\log R_f(x) = \log|\det(T_y^\top F_x T_x)|` by automatic differentiation.
 
     The manifolds are given by smooth idempotent projections :math:`\pi` onto them
-    (:func:`sphere_projection`, :func:`simplex_projection` or your own); :math:`T_x` is computed
-    from the Jacobian of :math:`\pi` (:func:`atlasdist.geometry.tangent_frame`). The map must
-    be differentiable on a neighbourhood of :math:`\mathcal{M}` in :math:`\mathbb{R}^n` and
-    batch over points with ``torch.func.vmap`` (Python control flow on values is not
-    allowed; validation is switched off while differentiating).
+    (:func:`~atlasdist.manifolds.sphere_projection`,
+    :func:`~atlasdist.manifolds.simplex_projection` or your own); :math:`T_x` is computed from
+    the Jacobian of :math:`\pi` (:func:`atlasdist.geometry.tangent_frame`). The map must be
+    differentiable on a neighbourhood of :math:`\mathcal{M}` in :math:`\mathbb{R}^n` and batch
+    over points with ``torch.func.vmap`` (Python control flow on values is not allowed;
+    validation is switched off while differentiating).
 
     ``log_abs_det_jacobian(x, y)`` returns :math:`\log R_f(x)`, shape :math:`(*)`, so that a
     density w.r.t. the surface measure of :math:`\mathcal{M}` is pushed to one w.r.t. the
     surface measure of :math:`\mathcal{N}`. Its value is that of
     :func:`~atlasdist.geometry.manifold_log_volume_ratio`; its gradients (w.r.t. the
     parameters of ``fn`` and along the manifold) are exact when :math:`\pi` is the
-    nearest-point projection or the manifold is flat, as for :func:`sphere_projection` and
-    :func:`simplex_projection` (the frames are held constant in backward, see the code).
+    nearest-point projection or the manifold is flat, as for
+    :func:`~atlasdist.manifolds.sphere_projection` and
+    :func:`~atlasdist.manifolds.simplex_projection` (the frames are held constant in backward,
+    see the code).
 
     Cost per point: :math:`n` forward-mode passes through :math:`f`, :math:`2n` through
     :math:`\pi`, two SVDs and one determinant (:math:`O(n^3)`). The autodiff value loses

@@ -21,13 +21,20 @@ first :math:`n-1` coordinates (torch's convention, used by ``Dirichlet`` and
 ``StickBreakingTransform``), because the two differ by the constant factor
 :math:`d\mathcal{H}^{n-1} = \sqrt{n}\, dp_1 \cdots dp_{n-1}`. So the flows push a density
 w.r.t. either measure to a density w.r.t. the same measure; see
-:mod:`atlasdist.distributions.simplex` for the densities themselves.
+:mod:`atlasdist.manifolds.simplex` for the measures and :mod:`atlasdist.distributions.simplex`
+for the densities themselves.
 
 **Off-simplex inputs.** Both maps are invariant to :math:`p \mapsto \alpha p`,
 :math:`\alpha > 0` (the softmax ignores a multiple of :math:`\mathbf{1}`), so a positive input
 is read as its projection :math:`p / \sum_i p_i`. With validation on, an input with an entry
-:math:`\le 0` or a sum off 1 by more than ``1e-6`` (torch's simplex tolerance) raises
-``ValueError`` stating how far off it is.
+:math:`\le 0` or a sum off 1 by more than
+:data:`~atlasdist.manifolds.SIMPLEX_TOLERANCE` raises ``ValueError`` stating how far off it
+is.
+
+Parameters are unconstrained, and 0 gives the identity. Given with leading batch dimensions
+(:meth:`~atlasdist.transforms.manifold.ManifoldFlow.from_parameters`, e.g. produced from a
+context by :class:`~atlasdist.transforms.Conditional`), parameters of shape :math:`(B, \dots)`
+give one flow per row for points of shape :math:`(*, B, n)`.
 
 References:
     *Flow-based generative model*, Wikipedia, sections "Simplex flow", "Simplex calibration
@@ -40,67 +47,17 @@ import math
 
 import torch
 from torch import nn
-from torch.distributions import constraints
 
-from .._checks import check_features, validation_enabled
-from .injective import EventTransform
-from .manifold import qr_inverse, qr_parametrized
+from .._checks import check_features
+from ..manifolds.simplex import SIMPLEX_TOLERANCE as SIMPLEX_TOLERANCE
+from ..manifolds.simplex import check_on_simplex as check_on_simplex
+from ..manifolds.simplex import helmert_basis, unit_simplex
+from .conformal import matvec
+from .manifold import ManifoldFlow, qr_inverse, qr_parametrized
 
-__all__ = [
-    "Calibration",
-    "GeneralizedCalibration",
-    "helmert_basis",
-    "check_on_simplex",
-    "SIMPLEX_TOLERANCE",
-]
-
-SIMPLEX_TOLERANCE = 1e-6
-"""Largest accepted :math:`|\\sum_i p_i - 1|`: torch's ``constraints.simplex`` tolerance."""
-
-
-def check_on_simplex(
-    p: torch.Tensor,
-    name: str,
-    what: str = "input",
-    open_: bool = True,
-    enabled: bool | None = None,
-) -> None:
-    r"""Raises ``ValueError`` if a point of ``p``, shape :math:`(*, n)`, has an entry
-    :math:`\le 0` (:math:`< 0` if not ``open_``) or a sum off 1 by more than
-    :data:`SIMPLEX_TOLERANCE`, stating the distance. Runs while validation is on
-    (:func:`atlasdist._checks.validation_enabled`), or as ``enabled`` says when given."""
-    if not (validation_enabled() if enabled is None else enabled):
-        return
-    low = p.min(-1).values
-    bad = ~(low > 0) if open_ else ~(low >= 0)
-    if bool(bad.any()):
-        where = "open simplex (entries > 0)" if open_ else "simplex (entries >= 0)"
-        raise ValueError(
-            f"{name}: {int(bad.sum())} {what} point(s) outside the {where}: smallest entry "
-            f"{float(low.min()):.3g}"
-        )
-    off = (p.sum(-1) - 1).abs()
-    bad = ~(off <= SIMPLEX_TOLERANCE)
-    if bool(bad.any()):
-        raise ValueError(
-            f"{name}: {int(bad.sum())} {what} point(s) off the simplex: |sum(p) - 1| up to "
-            f"{float(off[bad].max()):.3g} (tolerance {SIMPLEX_TOLERANCE:g}); normalize them "
-            "with p / p.sum(-1, keepdim=True)"
-        )
-
-
-def helmert_basis(n: int, dtype=None, device=None) -> torch.Tensor:
-    r"""Orthonormal basis :math:`V \in \mathbb{R}^{n \times (n-1)}` of
-    :math:`\mathbf{1}^\perp` (the tangent space of the simplex):
-    :math:`v_k = (1, \dots, 1, -k, 0, \dots, 0) / \sqrt{k(k+1)}`, :math:`k` ones."""
-    i = torch.arange(n, device=device).unsqueeze(-1)
-    k = torch.arange(1, n, device=device)
-    # Built in the target dtype (not cast from float32): V^T V = I to working precision.
-    entries = torch.where(i < k, 1, torch.where(i == k, -k, 0))
-    return (
-        entries.to(dtype or torch.get_default_dtype())
-        / (k * (k + 1)).to(dtype or torch.get_default_dtype()).sqrt()
-    )
+# helmert_basis, check_on_simplex and SIMPLEX_TOLERANCE live in atlasdist.manifolds.simplex;
+# they stay importable from here.
+__all__ = ["Calibration", "GeneralizedCalibration"]
 
 
 def _log_normalized(p: torch.Tensor) -> torch.Tensor:
@@ -108,15 +65,13 @@ def _log_normalized(p: torch.Tensor) -> torch.Tensor:
     return p.log() - p.sum(-1, keepdim=True).log()
 
 
-def _features(features: int, name: str) -> int:
-    if int(features) < 2:
-        raise ValueError(
-            f"{name}: features must be >= 2 (the simplex Delta^(n-1)), got {features}"
-        )
-    return int(features)
+class _SimplexFlow(ManifoldFlow):
+    manifold = "the simplex Delta^(n-1)"
+    domain = unit_simplex
+    codomain = unit_simplex
 
 
-class Calibration(EventTransform):
+class Calibration(_SimplexFlow):
     r"""Calibration transform :math:`q = \operatorname{softmax}(\log(p) / a + c)` on
     :math:`\Delta^{n-1}`, temperature :math:`a > 0`.
 
@@ -146,13 +101,8 @@ class Calibration(EventTransform):
         neural networks*, ICML 2017 (temperature scaling).
     """
 
-    bijective = True
-    domain = constraints.simplex
-    codomain = constraints.simplex
-
     def __init__(self, features: int, temperature: float = 1.0, shift: torch.Tensor | None = None):
-        super().__init__(cache_size=0)
-        self.in_features = self.out_features = _features(features, self.name)
+        super().__init__(features)
         if not temperature > 0:
             raise ValueError(f"{self.name}: temperature must be > 0, got {temperature}")
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
@@ -169,24 +119,21 @@ class Calibration(EventTransform):
     def _call(self, x):
         check_on_simplex(x, self.name)
         s, c = self.log_temperature.to(x.dtype), self.shift.to(x.dtype)
-        return torch.softmax(_log_normalized(x) * (-s).exp() + c, -1)
+        return torch.softmax(_log_normalized(x) * (-s).exp().unsqueeze(-1) + c, -1)
 
     def _inverse(self, y):
         check_on_simplex(y, self.name + ".inv")
         s, c = self.log_temperature.to(y.dtype), self.shift.to(y.dtype)
-        return torch.softmax((_log_normalized(y) - c) * s.exp(), -1)
+        return torch.softmax((_log_normalized(y) - c) * s.exp().unsqueeze(-1), -1)
 
     def log_abs_det_jacobian(self, x, y):
         s, c = self.log_temperature.to(x.dtype), self.shift.to(x.dtype)
         log_p = _log_normalized(x)
-        log_q = torch.log_softmax(log_p * (-s).exp() + c, -1)
+        log_q = torch.log_softmax(log_p * (-s).exp().unsqueeze(-1) + c, -1)
         return (1 - x.shape[-1]) * s + (log_q - log_p).sum(-1)
 
-    def extra_repr(self) -> str:
-        return f"features={self.in_features}"
 
-
-class GeneralizedCalibration(EventTransform):
+class GeneralizedCalibration(_SimplexFlow):
     r"""Generalized calibration transform :math:`q = \operatorname{softmax}(A \log p + c)` on
     :math:`\Delta^{n-1}`, :math:`A \mathbf{1} = \lambda \mathbf{1}`, :math:`A` invertible.
 
@@ -199,7 +146,7 @@ class GeneralizedCalibration(EventTransform):
     :math:`f(\cdot; A_1, c_1) \circ f(\cdot; A_2, c_2) = f(\cdot; A_1 A_2, c_1 + A_1 c_2)`.
 
     **Parametrization.** The map only sees :math:`A` through its action :math:`B = V^\top A V`
-    on :math:`\mathbf{1}^\perp` (:math:`V` = :func:`helmert_basis`): adding
+    on :math:`\mathbf{1}^\perp` (:math:`V` = :func:`~atlasdist.manifolds.helmert_basis`): adding
     :math:`\mathbf{1} w^\top` to :math:`A` or changing :math:`\lambda` changes
     :math:`A \log p` by a multiple of :math:`\mathbf{1}`, which the softmax ignores, and
     :math:`|\det A| / |\lambda| = |\det B|`. So :math:`A = \mathbf{1}\mathbf{1}^\top / n +
@@ -223,13 +170,9 @@ class GeneralizedCalibration(EventTransform):
         reference/003, "Generalized calibration transform".
     """
 
-    bijective = True
-    domain = constraints.simplex
-    codomain = constraints.simplex
-
     def __init__(self, features: int, shift: torch.Tensor | None = None):
-        super().__init__(cache_size=0)
-        n = self.in_features = self.out_features = _features(features, self.name)
+        super().__init__(features)
+        n = self.in_features
         self.weight = nn.Parameter(torch.zeros(n - 1, n - 1))
         if shift is None:
             shift = torch.zeros(n)
@@ -251,7 +194,7 @@ class GeneralizedCalibration(EventTransform):
 
     def _logits(self, log_p, q, r, v, c):
         # V B V^T log p + c: the 1 1^T / n part of A only adds a multiple of 1.
-        return ((log_p @ v) @ (q @ r).mT) @ v.mT + c
+        return matvec(q @ r, log_p @ v) @ v.mT + c
 
     def _call(self, x):
         check_on_simplex(x, self.name)
@@ -261,7 +204,7 @@ class GeneralizedCalibration(EventTransform):
     def _inverse(self, y):
         check_on_simplex(y, self.name + ".inv")
         q, r, _, v, c = self._params(y)
-        z = ((_log_normalized(y) - c) @ v) @ qr_inverse(q, r).mT
+        z = matvec(qr_inverse(q, r), (_log_normalized(y) - c) @ v)
         return torch.softmax(z @ v.mT, -1)
 
     def log_abs_det_jacobian(self, x, y):
@@ -269,6 +212,3 @@ class GeneralizedCalibration(EventTransform):
         log_p = _log_normalized(x)
         log_q = torch.log_softmax(self._logits(log_p, q, r, v, c), -1)
         return logdet + (log_q - log_p).sum(-1)
-
-    def extra_repr(self) -> str:
-        return f"features={self.in_features}"

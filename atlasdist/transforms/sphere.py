@@ -15,12 +15,15 @@ w.r.t. the surface measure pushes forward as :math:`p_Y(y) = p_X(x) / R_f(x)`.
   :math:`R_f(x) = \frac{|\det M|\,(1 + x^\top M^{-1}c)}{|Mx + c|^n}`.
 
 Parameters are unconstrained: every real value gives a bijection (:math:`|c| < 1`,
-:math:`M` invertible, :math:`|M^{-1}c| < 1`).
+:math:`M` invertible, :math:`|M^{-1}c| < 1`), and 0 gives the identity. Given with leading
+batch dimensions (:meth:`~atlasdist.transforms.manifold.ManifoldFlow.from_parameters`, e.g.
+produced from a context by :class:`~atlasdist.transforms.Conditional`), parameters of shape
+:math:`(B, \dots)` give one flow per row for points of shape :math:`(*, B, n)`.
 
 **Off-sphere inputs.** With validation on (:func:`atlasdist._checks.validation_enabled`), a
-point whose norm differs from 1 by more than :func:`sphere_tolerance` raises ``ValueError``
-stating how far off it is. With validation off, inputs of both ``f`` and ``f.inv`` are first
-projected radially, :math:`x \mapsto x / |x|`.
+point whose norm differs from 1 by more than :func:`~atlasdist.manifolds.sphere_tolerance`
+raises ``ValueError`` stating how far off it is. With validation off, inputs of both ``f`` and
+``f.inv`` are first projected radially (:func:`~atlasdist.manifolds.sphere_projection`).
 
 References:
     *Flow-based generative model*, Wikipedia, section "Simple spherical flows"
@@ -31,65 +34,24 @@ References:
 from __future__ import annotations
 
 import torch
-from pyro.distributions import constraints as pyro_constraints
-from pyro.distributions.transforms import Normalize
 from torch import nn
-from torch.distributions import transform_to
 
-from .._checks import check_features, validation_enabled
-from .injective import EventTransform
-from .manifold import qr_inverse, qr_parametrized, sphere_projection
+from .._checks import check_features
+from ..manifolds.sphere import check_on_sphere as check_on_sphere
+from ..manifolds.sphere import sphere_projection, unit_sphere
+from ..manifolds.sphere import sphere_tolerance as sphere_tolerance
+from .conformal import matvec
+from .manifold import ManifoldFlow, qr_inverse, qr_parametrized
 
-__all__ = [
-    "NormalizedTranslation",
-    "NormalizedLinear",
-    "NormalizedAffine",
-    "unit_sphere",
-    "sphere_tolerance",
-    "check_on_sphere",
-]
+# unit_sphere, sphere_tolerance and check_on_sphere live in atlasdist.manifolds.sphere; they
+# stay importable from here.
+__all__ = ["NormalizedTranslation", "NormalizedLinear", "NormalizedAffine"]
 
 
-def sphere_tolerance(dtype: torch.dtype) -> float:
-    r"""Largest accepted :math:`\big||x| - 1\big|` of a point on the sphere:
-    :math:`\max(10^{-6}, 100\,\varepsilon)` (``1e-6`` in float64, ``1.2e-5`` in float32), loose
-    enough for data normalized in float32 and cast to float64."""
-    return max(1e-6, 100 * torch.finfo(dtype).eps)
-
-
-class _UnitSphere(type(pyro_constraints.sphere)):
-    """Pyro's sphere constraint with the tolerance of :func:`sphere_tolerance` (Pyro's own,
-    :math:`10\\varepsilon\\sqrt{n}`, rejects float32-normalized data cast to float64)."""
-
-    def check(self, value):
-        return (value.norm(dim=-1) - 1).abs() <= sphere_tolerance(value.dtype)
-
-
-unit_sphere = _UnitSphere()
-"""The unit sphere constraint (``event_dim`` 1) of the flows and distributions on spheres."""
-
-# As for Pyro's own sphere constraint: pyro.param(..., constraint=unit_sphere) works.
-transform_to.register(_UnitSphere)(lambda constraint: Normalize())
-
-
-def check_on_sphere(
-    x: torch.Tensor, name: str, what: str = "input", enabled: bool | None = None
-) -> None:
-    r"""Raises ``ValueError`` if a point of ``x``, shape :math:`(*, n)`, is off the unit sphere
-    by more than :func:`sphere_tolerance`, stating the distance. Runs while validation is on
-    (:func:`atlasdist._checks.validation_enabled`), or as ``enabled`` says when given."""
-    if not (validation_enabled() if enabled is None else enabled):
-        return
-    off = (x.norm(dim=-1) - 1).abs()
-    tol = sphere_tolerance(x.dtype)
-    bad = ~(off <= tol)  # NaN counts as off
-    if bool(bad.any()):
-        n = x.shape[-1]
-        raise ValueError(
-            f"{name}: {int(bad.sum())} {what} point(s) off the unit sphere S^{n - 1}: "
-            f"| |x| - 1 | up to {float(off[bad].max()):.3g} (tolerance {tol:.2g}); project them "
-            "with x / x.norm(dim=-1, keepdim=True)"
-        )
+class _SphereFlow(ManifoldFlow):
+    manifold = "the sphere S^(n-1)"
+    domain = unit_sphere
+    codomain = unit_sphere
 
 
 def _squash(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +84,7 @@ def _translation_inverse(
     return rho * y - c
 
 
-class NormalizedTranslation(EventTransform):
+class NormalizedTranslation(_SphereFlow):
     r"""Normalized translation flow :math:`f(x) = \frac{x + c}{|x + c|}` on :math:`S^{n-1}`,
     :math:`|c| < 1`.
 
@@ -154,13 +116,8 @@ class NormalizedTranslation(EventTransform):
         reference/003, "Normalized translation flow"; Boulerice & Ducharme (1994).
     """
 
-    bijective = True
-    domain = unit_sphere
-    codomain = unit_sphere
-
     def __init__(self, features: int, shift: torch.Tensor | None = None):
-        super().__init__(cache_size=0)
-        self.in_features = self.out_features = _features(features, self.name)
+        super().__init__(features)
         if shift is None:
             raw = torch.zeros(self.in_features)
         else:
@@ -192,11 +149,8 @@ class NormalizedTranslation(EventTransform):
         n = x.shape[-1]
         return (1 + (x * c).sum(-1)).log() - n * (x + c).norm(dim=-1).log()
 
-    def extra_repr(self) -> str:
-        return f"features={self.in_features}"
 
-
-class NormalizedLinear(EventTransform):
+class NormalizedLinear(_SphereFlow):
     r"""Normalized linear flow :math:`f(x) = \frac{Mx}{|Mx|}` on :math:`S^{n-1}`, :math:`M`
     invertible.
 
@@ -226,13 +180,8 @@ class NormalizedLinear(EventTransform):
         central Gaussian distribution on the sphere*, Biometrika 1987.
     """
 
-    bijective = True
-    domain = unit_sphere
-    codomain = unit_sphere
-
     def __init__(self, features: int):
-        super().__init__(cache_size=0)
-        self.in_features = self.out_features = _features(features, self.name)
+        super().__init__(features)
         self.weight = nn.Parameter(torch.zeros(self.in_features, self.in_features))
 
     def _qr(self, x):
@@ -247,23 +196,20 @@ class NormalizedLinear(EventTransform):
     def _call(self, x):
         check_on_sphere(x, self.name)
         q, r, _ = self._qr(x)
-        return sphere_projection(x @ (q @ r).mT)
+        return sphere_projection(matvec(q @ r, x))
 
     def _inverse(self, y):
         check_on_sphere(y, self.name + ".inv")
         q, r, _ = self._qr(y)
-        return sphere_projection(y @ qr_inverse(q, r).mT)
+        return sphere_projection(matvec(qr_inverse(q, r), y))
 
     def log_abs_det_jacobian(self, x, y):
         q, r, logdet = self._qr(x)
         x = sphere_projection(x)
-        return logdet - x.shape[-1] * (x @ (q @ r).mT).norm(dim=-1).log()
-
-    def extra_repr(self) -> str:
-        return f"features={self.in_features}"
+        return logdet - x.shape[-1] * matvec(q @ r, x).norm(dim=-1).log()
 
 
-class NormalizedAffine(EventTransform):
+class NormalizedAffine(_SphereFlow):
     r"""Normalized affine flow :math:`f(x) = \frac{Mx + c}{|Mx + c|}` on :math:`S^{n-1}`,
     :math:`M` invertible, :math:`|M^{-1}c| < 1`.
 
@@ -294,13 +240,8 @@ class NormalizedAffine(EventTransform):
         reference/003, "Normalized affine flow".
     """
 
-    bijective = True
-    domain = unit_sphere
-    codomain = unit_sphere
-
     def __init__(self, features: int):
-        super().__init__(cache_size=0)
-        self.in_features = self.out_features = _features(features, self.name)
+        super().__init__(features)
         self.weight = nn.Parameter(torch.zeros(self.in_features, self.in_features))
         self.raw = nn.Parameter(torch.zeros(self.in_features))
 
@@ -329,26 +270,17 @@ class NormalizedAffine(EventTransform):
     def _call(self, x):
         check_on_sphere(x, self.name)
         q, r, _, b, _ = self._params(x)
-        return sphere_projection((sphere_projection(x) + b) @ (q @ r).mT)
+        return sphere_projection(matvec(q @ r, sphere_projection(x) + b))
 
     def _inverse(self, y):
         check_on_sphere(y, self.name + ".inv")
         q, r, _, b, one_minus_b2 = self._params(y)
-        u = sphere_projection(y @ qr_inverse(q, r).mT)
+        u = sphere_projection(matvec(qr_inverse(q, r), y))
         return _translation_inverse(u, b, one_minus_b2)
 
     def log_abs_det_jacobian(self, x, y):
         q, r, logdet, b, _ = self._params(x)
         x = sphere_projection(x)
         n = x.shape[-1]
-        z = (x + b) @ (q @ r).mT
+        z = matvec(q @ r, x + b)
         return logdet + (1 + (x * b).sum(-1)).log() - n * z.norm(dim=-1).log()
-
-    def extra_repr(self) -> str:
-        return f"features={self.in_features}"
-
-
-def _features(features: int, name: str) -> int:
-    if int(features) < 2:
-        raise ValueError(f"{name}: features must be >= 2 (the sphere S^(n-1)), got {features}")
-    return int(features)

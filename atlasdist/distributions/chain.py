@@ -1,0 +1,172 @@
+r"""What the sphere and simplex flows share: the pushforward of a distribution on a manifold by
+a chain of flows on it (:class:`ChainDistribution`), and the lazy module that builds one from
+its parameters, optionally conditioned on an input :math:`c` (:class:`ChainFlow`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from pyro.distributions import TransformedDistribution
+from pyro.distributions.conditional import ConditionalTransform
+from torch import nn
+from torch.distributions import Distribution, Transform
+
+from .._checks import check_features
+from ..lazy import LazyDistribution
+from ..transforms.conditional import Conditional, condition
+
+__all__ = ["check_chain", "check_value", "ChainDistribution", "ChainFlow"]
+
+
+def check_chain(name: str, base, transforms, min_features: int) -> list:
+    """The transforms as a list, each mapping the base's n features to n (ValueError
+    otherwise)."""
+    if isinstance(transforms, Transform):
+        transforms = [transforms]
+    transforms = list(transforms)
+    if len(base.event_shape) != 1 or base.event_shape[0] < min_features:
+        raise ValueError(
+            f"{name}: the base must have event shape (n,), n >= {min_features}, got "
+            f"{tuple(base.event_shape)}"
+        )
+    n = base.event_shape[0]
+    for i, t in enumerate(transforms):
+        _check_features(name, i, t, n)
+    return transforms
+
+
+def _check_features(name: str, i: int, t, n: int) -> None:
+    features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
+    if features != (n, n):
+        raise ValueError(
+            f"{name}: transform {i} ({type(t).__name__}) maps "
+            f"{features[0]} to {features[1]} features, the base has {n}"
+        )
+
+
+def check_value(name: str, value: torch.Tensor, n: int) -> None:
+    """Raises ValueError unless ``value`` is a finite tensor of shape ``(*, n)``."""
+    check_features(value, n, name, "value")
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name}: value holds non-finite (NaN or inf) entries")
+
+
+class ChainDistribution(TransformedDistribution):
+    r"""The pushforward of ``base`` by ``transforms`` (flows of an :math:`m`-manifold onto
+    itself), :math:`y = f_K \circ \dots \circ f_1(x)`; subclasses turn
+    :meth:`pull_back` into ``log_prob``."""
+
+    min_features = 1
+
+    def __init__(
+        self,
+        base: Distribution,
+        transforms: Transform | Sequence[Transform] = (),
+        validate_args: bool | None = None,
+    ):
+        transforms = check_chain(type(self).__name__, base, transforms, self.min_features)
+        super().__init__(base, transforms, validate_args=validate_args)
+
+    def pull_back(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
+        r""":math:`x = f^{-1}(y)` and :math:`-\sum_k \log R_{f_k}(x_{k-1})`, the log-density
+        ratio :math:`\log p(y) - \log p_0(x)`; shapes :math:`(*, n)` and :math:`(*)`."""
+        log_prob = 0.0
+        for t in reversed(self.transforms):
+            x = t.inv(y)
+            log_prob = log_prob - t.log_abs_det_jacobian(x, y)
+            y = x
+        return y, log_prob
+
+
+class ChainFlow(LazyDistribution):
+    r"""Base of the lazy modules :class:`~atlasdist.distributions.SphereFlow` and
+    :class:`~atlasdist.distributions.SimplexFlow`: holds the flows (``nn.Module`` transforms
+    are registered) and, with ``context_features`` :math:`k > 0`, conditions them on an input
+    :math:`c`, so that the module models :math:`p(x \mid c)`.
+
+    **Conditioning.** Each flow with raw parameters
+    (:class:`~atlasdist.transforms.manifold.ManifoldFlow`) becomes a
+    :class:`~atlasdist.transforms.Conditional` whose :class:`~atlasdist.transforms.Hypernet`
+    (hidden sizes ``hidden``) produces those parameters from :math:`c`, starting (output
+    weights 0) at the flow's current values for every :math:`c`; a Pyro conditional transform
+    given in ``transforms`` is conditioned as it is; other transforms are shared by every
+    :math:`c`. ``module(c)`` with :math:`c` of shape :math:`(B, k)` returns a distribution with
+    batch shape :math:`(B,)`: one exact, normalized density per row, evaluated at :math:`x` of
+    shape :math:`(B, n)` or :math:`(S, B, n)`; ``sample((S,))`` has shape :math:`(S, B, n)`.
+    Cost: one hypernetwork pass per flow and call, then that of the flows.
+
+    Arguments:
+        features: :math:`n`.
+        transforms: flows on the manifold, first applied first.
+        context_features: :math:`k` (0: no conditioning input).
+        hidden: hidden sizes of each flow's hypernetwork.
+    """
+
+    def __init__(
+        self,
+        features: int,
+        transforms: Sequence[Transform] = (),
+        context_features: int = 0,
+        hidden: Sequence[int] = (32,),
+    ):
+        super().__init__()
+        name = type(self).__name__
+        self.features = int(features)
+        if isinstance(context_features, bool) or int(context_features) < 0:
+            raise ValueError(
+                f"{name}: context_features must be an int >= 0, got {context_features}"
+            )
+        self.context_features = int(context_features)
+        transforms = list(transforms)
+        for i, t in enumerate(transforms):
+            size = getattr(t, "context_features", None)
+            if isinstance(t, ConditionalTransform) and not self.context_features:
+                raise ValueError(
+                    f"{name}: transform {i} ({type(t).__name__}) is conditional; build the flow "
+                    "with context_features=<size of c>"
+                )
+            if size is not None and self.context_features and size != self.context_features:
+                raise ValueError(
+                    f"{name}: transform {i} ({type(t).__name__}) takes a context of size "
+                    f"{size}, the flow has context_features={self.context_features}"
+                )
+            if self.context_features:
+                transforms[i] = self._conditional(i, t, hidden)
+        self.transforms = transforms
+        self.transform_modules = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+
+    def _conditional(self, i: int, t, hidden: Sequence[int]):
+        if isinstance(t, ConditionalTransform) or not hasattr(type(t), "parameter_shapes"):
+            return t
+        _check_features(type(self).__name__, i, t, self.features)
+        # The conditional flow starts as the given one for every c: the hypernetwork's output
+        # starts at the flow's raw parameters.
+        initial = torch.cat([p.detach().reshape(-1) for p in t.parameters()])
+        part = Conditional(
+            type(t),
+            self.features,
+            context_features=self.context_features,
+            hidden=hidden,
+            initial=initial,
+        )
+        return part
+
+    def conditioned(self, c: torch.Tensor | None) -> tuple[list[Transform], torch.Size]:
+        r"""The flows conditioned on ``c`` and the batch shape :math:`(*B)` that ``c`` of shape
+        :math:`(*B, c)` gives (:math:`()` without a context)."""
+        if not self.context_features:
+            self._no_context(c)
+            return self.transforms, torch.Size()
+        name = type(self).__name__
+        if c is None:
+            raise ValueError(
+                f"{name}: built with context_features={self.context_features}, so it models "
+                f"p(x | c): call it with c of shape (*, {self.context_features})"
+            )
+        check_features(c, self.context_features, name, "c")
+        return [condition(t, c) for t in self.transforms], c.shape[:-1]
+
+    def extra_repr(self) -> str:
+        context = f", context_features={self.context_features}" if self.context_features else ""
+        return f"features={self.features}{context}"
