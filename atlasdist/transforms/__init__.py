@@ -35,7 +35,7 @@ from .conformal import (
     householder_to,
     reflect_to,
 )
-from .indexed import indexed_matvec, tile_plan, tiled
+from .indexed import indexed_matvec, per_tile, tile_plan, tiled
 from .injective import (
     ConformalTransform,
     EventTransform,
@@ -71,6 +71,7 @@ __all__ = [
     "indexed_matvec",
     "tile_plan",
     "tiled",
+    "per_tile",
     "ProductEmbedding",
     "NormalizedTranslation",
     "NormalizedLinear",
