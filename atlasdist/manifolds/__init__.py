@@ -6,34 +6,8 @@ w.r.t. the measure of the library's densities and, for the simplex, the factor b
 two measures.
 """
 
-from .simplex import (
-    SIMPLEX_TOLERANCE,
-    check_on_simplex,
-    helmert_basis,
-    log_simplex_volume,
-    simplex_hausdorff_log_factor,
-    simplex_projection,
-    unit_simplex,
-)
-from .sphere import (
-    check_on_sphere,
-    log_sphere_area,
-    sphere_projection,
-    sphere_tolerance,
-    unit_sphere,
-)
+from . import simplex, sphere
+from .simplex import *  # noqa: F403  (the names are the submodules' __all__)
+from .sphere import *  # noqa: F403
 
-__all__ = [
-    "sphere_projection",
-    "sphere_tolerance",
-    "unit_sphere",
-    "check_on_sphere",
-    "log_sphere_area",
-    "simplex_projection",
-    "helmert_basis",
-    "SIMPLEX_TOLERANCE",
-    "unit_simplex",
-    "check_on_simplex",
-    "simplex_hausdorff_log_factor",
-    "log_simplex_volume",
-]
+__all__ = [*sphere.__all__, *simplex.__all__]
