@@ -125,9 +125,7 @@ class AtlasFlow(LazyDistribution):
             if embedding is not None:
                 raise ValueError("AtlasFlow: give chart specs or an embedding, not both")
             stack = as_charts(
-                charts
-                if isinstance(charts, ChartStack)
-                else list([charts] if isinstance(charts, ChartSpec) else charts)
+                charts if isinstance(charts, ChartSpec | ChartStack) else list(charts)
             )
             if (stack.in_features, stack.out_features) != (d, D):
                 raise ValueError(

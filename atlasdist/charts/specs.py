@@ -191,8 +191,8 @@ class PlaneCharts(ConditionedCharts):
     .. math:: c_k(u) = o_k + s_k\, \mathrm{SCT}_{b_k}(W_k u), \qquad W_k^\top W_k = I_d,
 
     with :math:`\lambda_k(u) = s_k / \sigma_{b_k}(W_k u)`; :math:`b_k = 0` (``bend=False``)
-    is a flat chart. Frames are computed once per chart and applied by chart index
-    (:func:`~atlasdist.transforms.indexed_matvec`).
+    is a flat chart. Frames are kept per chart in compact WY form and applied to the rows
+    grouped by chart (see :class:`~atlasdist.transforms.StiefelEmbedding`).
 
     Arguments:
         means: :math:`o_k`, shape :math:`(K, D)`.

@@ -73,8 +73,10 @@ class ChartContext:
 
 
 def _accepts_chart_context(part) -> bool:
-    return isinstance(part, Conditional | ConditionalCompose | ChartSpline) or isinstance(
-        getattr(part, "nn", None), ChartDenseNN
+    # Chart-aware classes say so (chart_aware = True); a Pyro coupling is chart-aware when its
+    # network is.
+    return getattr(part, "chart_aware", False) or getattr(
+        getattr(part, "nn", None), "chart_aware", False
     )
 
 
@@ -203,6 +205,8 @@ class Conditional(ConditionalTransformModule):
         torch.Size([8, 3])
     """
 
+    chart_aware = True  # takes a ChartContext
+
     def __init__(
         self,
         layer: type,
@@ -291,6 +295,8 @@ class ConditionalCompose(ConditionalTransformModule):
         torch.Size([8, 3])
     """
 
+    chart_aware = True  # takes a ChartContext
+
     def __init__(self, parts, in_features: int | None = None):
         super().__init__()
         self.parts = list(parts)
@@ -317,6 +323,8 @@ class ChartDenseNN(ConditionalDenseNN):
     :math:`W_c v_k + b` (:math:`K` rows), and gathers it for the rows: per row it only runs
     :math:`W_x x` and the layers after the first. Same parameters, same values as the plain
     network on ``context.rows()``."""
+
+    chart_aware = True  # takes a ChartContext
 
     def forward(self, x, context):
         if not isinstance(context, ChartContext):
@@ -359,6 +367,8 @@ class ChartSpline(ConditionalTransformModule):
         count_bins: spline segments :math:`S`.
         bound: the spline is the identity outside :math:`[-B, B]`.
     """
+
+    chart_aware = True  # takes a ChartContext
 
     def __init__(
         self,

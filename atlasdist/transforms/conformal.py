@@ -10,7 +10,8 @@ the raw value 0 gives a fixed map (the identity, :math:`[I_d; 0]`, the north pol
 wrapper, :class:`~atlasdist.transforms.Conditional`, produces the raw parameters from a
 context. Inside an atlas the parameters are computed once per chart (:math:`K` rows) and
 ``index`` (shape :math:`(B,)`) says which chart each input row uses; cheap parameters are
-gathered by it, frames are applied by it (:func:`~atlasdist.transforms.indexed_matvec`).
+gathered by it; frames are applied to the rows grouped by chart, in compact WY form
+(:func:`compact_wy`, :func:`~atlasdist.transforms.tiled`), never copied per row.
 
 **Conformality** is a property a layer provides: ``conformal = True`` and
 ``log_conformal_factor`` (:class:`~atlasdist.transforms.ConformalTransform`).
@@ -86,18 +87,22 @@ def _rows(value: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
 
 
 def householder_reflectors(raw: torch.Tensor, rows: int, cols: int):
-    r"""The reflector matrix :math:`V` (unit diagonal, strictly lower part ``raw``) and the
-    factors :math:`\tau_j = 2/|v_j|^2` of :func:`householder_stiefel`: shapes
-    :math:`(*, n, k)` and :math:`(*, k)`."""
-    rows_idx, cols_idx = torch.tril_indices(rows, cols, offset=-1, device=raw.device)
-    diagonal = torch.arange(cols, device=raw.device)
-    where = torch.cat([rows_idx * cols + cols_idx, diagonal * (cols + 1)])
+    r"""The reflector matrix :math:`V` (unit lower trapezoidal, strictly lower part ``raw``)
+    and the factors :math:`\tau_j = 2/|v_j|^2` of :func:`householder_stiefel`: shapes
+    :math:`(*, n, k)` and :math:`(*, k)`. Below row :math:`k` the rows of :math:`V` are the
+    last :math:`(n-k)k` raw entries in row-major order, so only the top :math:`k \times k`
+    block is scattered."""
+    top_count = cols * (cols - 1) // 2
     batch = raw.shape[:-1]
-    flat = raw.reshape(math.prod(batch), raw.shape[-1])
-    entries = torch.cat([flat, flat.new_ones(flat.shape[0], cols)], -1)
-    v = flat.new_zeros(flat.shape[0], rows * cols).index_copy(1, where, entries)
-    norms = flat.new_zeros(flat.shape[0], cols).index_add(1, cols_idx, flat.pow(2))
-    return v.reshape(batch + (rows, cols)), (2 / (1 + norms)).reshape(batch + (cols,))
+    rows_idx, cols_idx = torch.tril_indices(cols, cols, offset=-1, device=raw.device)
+    diagonal = torch.arange(cols, device=raw.device) * (cols + 1)
+    flat_top = raw[..., :top_count].reshape(math.prod(batch), top_count)
+    entries = torch.cat([flat_top, flat_top.new_ones(flat_top.shape[0], cols)], -1)
+    where = torch.cat([rows_idx * cols + cols_idx, diagonal])
+    top = flat_top.new_zeros(flat_top.shape[0], cols * cols).index_copy(1, where, entries)
+    bottom = raw[..., top_count:].reshape(batch + (rows - cols, cols))
+    v = torch.cat([top.reshape(batch + (cols, cols)), bottom], -2)
+    return v, 2 / v.pow(2).sum(-2)
 
 
 def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -117,21 +122,11 @@ def householder_stiefel(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor
 def compact_wy(raw: torch.Tensor, rows: int, cols: int):
     r"""The Householder product of :func:`householder_stiefel` in compact WY form,
     :math:`H_1 \cdots H_k = I - V T V^\top`, without forming it: returns the reflector matrix
-    :math:`V` (unit lower trapezoidal, :math:`(*, n, k)`; below row :math:`k` its rows are
-    the last :math:`(n-k)k` raw entries in row-major order) and :math:`T^{-1}`, the upper
+    :math:`V` (:func:`householder_reflectors`, :math:`(*, n, k)`) and :math:`T^{-1}`, the upper
     triangle of :math:`V^\top V` with its diagonal halved (:math:`\tau_j = 2/|v_j|^2`; Puglisi
     1992), :math:`(*, k, k)`. Cost: one Gram matrix, :math:`O(n k^2)`, as a batched product.
     """
-    top_count = cols * (cols - 1) // 2
-    batch = raw.shape[:-1]
-    rows_idx, cols_idx = torch.tril_indices(cols, cols, offset=-1, device=raw.device)
-    diagonal = torch.arange(cols, device=raw.device) * (cols + 1)
-    flat_top = raw[..., :top_count].reshape(math.prod(batch), top_count)
-    entries = torch.cat([flat_top, flat_top.new_ones(flat_top.shape[0], cols)], -1)
-    where = torch.cat([rows_idx * cols + cols_idx, diagonal])
-    top = flat_top.new_zeros(flat_top.shape[0], cols * cols).index_copy(1, where, entries)
-    bottom = raw[..., top_count:].reshape(batch + (rows - cols, cols))
-    v = torch.cat([top.reshape(batch + (cols, cols)), bottom], -2)
+    v, _ = householder_reflectors(raw, rows, cols)
     gram = v.mT @ v
     tinv = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
     return v, tinv
@@ -435,9 +430,6 @@ class Similarity(StiefelEmbedding):
             shift=shift,
         )
 
-    def _rows(self, value, x):
-        return value if self.index is None else value.index_select(0, self.index)
-
     def _call(self, x):
         if self.reflectors is not None:
             return self._indexed(x, False, self.log_scale, self.shift)
@@ -450,7 +442,7 @@ class Similarity(StiefelEmbedding):
         return rmatvec(self.weight, y - self.shift) * (-self.log_scale).exp().unsqueeze(-1)
 
     def log_conformal_factor(self, x, y):
-        return _batch_log_factor(self._rows(self.log_scale, x).to(x.dtype), x)
+        return _batch_log_factor(_rows(self.log_scale, self.index).to(x.dtype), x)
 
 
 class Scale(InjectiveTransform):

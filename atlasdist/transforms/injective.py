@@ -124,7 +124,7 @@ class InjectiveTransform(EventTransform):
         return self.in_features == self.out_features
 
     def log_conformal_factor(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{self.name} is not conformal")
+        raise TypeError(f"{self.name} is not conformal: it has no conformal factor")
 
     def log_abs_det_jacobian(self, x, y):
         if not self.conformal:
