@@ -1,0 +1,130 @@
+"""The shipped real data: the earth sets on S^2, the RNA torsion angles on T^7 and the split."""
+
+import doctest
+import importlib
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from atlasdist import datasets
+from atlasdist.transforms import InverseStereographic, ProductEmbedding
+
+# Rows per set: the table of /work/shared/data/README.md (and PROVENANCE.md).
+ROWS = {"volcano": 827, "earthquake": 6120, "flood": 4875, "fire": 12809}
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_earth_sets_are_complete_finite_and_in_range(name):
+    lat_lon = datasets.earth_lat_lon(name)
+    assert lat_lon.shape == (ROWS[name], 2) and lat_lon.dtype == torch.float64
+    assert torch.isfinite(lat_lon).all()
+    lat, lon = lat_lon.unbind(-1)
+    assert ((lat >= -90) & (lat <= 90)).all() and ((lon >= -180) & (lon <= 180)).all()
+    # Not a constant or a column swap: both coordinates spread over their range.
+    assert float(lat.std()) > 10 and float(lon.std()) > 30
+    x = datasets.earth(name, dtype=torch.float64)
+    assert x.shape == (ROWS[name], 3)
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(len(x), dtype=torch.float64))
+    torch.testing.assert_close(datasets.unit_to_lat_lon(x), lat_lon, rtol=0, atol=1e-9)
+
+
+def test_earth_first_rows_are_the_files_first_rows():
+    """Comment and header lines skipped, the first data row kept (one per file layout)."""
+    first = {
+        "volcano": (-30.2, -178.47),
+        "flood": (35.8142, 5.23026),
+        "fire": (-25.088, 152.358),
+    }
+    for name, row in first.items():
+        torch.testing.assert_close(
+            datasets.earth_lat_lon(name)[0], torch.tensor(row, dtype=torch.float64)
+        )
+
+
+def test_earth_geographic_convention_and_dtypes():
+    poles = torch.tensor([[90.0, 0.0], [0.0, 0.0], [0.0, 90.0], [-45.0, 180.0]])
+    expected = torch.tensor(
+        [[0, 0, 1], [1, 0, 0], [0, 1, 0], [-(0.5**0.5), 0, -(0.5**0.5)]], dtype=torch.float32
+    )
+    torch.testing.assert_close(datasets.lat_lon_to_unit(poles), expected)
+    assert datasets.earth("volcano").dtype == torch.get_default_dtype()
+    x32 = datasets.earth("volcano", dtype=torch.float32)
+    torch.testing.assert_close(x32, datasets.earth("volcano", torch.float64).float())
+
+
+def test_earth_rejects_an_unknown_name():
+    with pytest.raises(ValueError, match="volcano"):
+        datasets.earth("volcanoes")
+
+
+def test_rna_angles_and_their_flat_torus_points():
+    angles = datasets.rna_angles(torch.float64)
+    assert angles.shape == (9478, 7) and torch.isfinite(angles).all()
+    assert float(angles.min()) >= -math.pi and float(angles.max()) < math.pi
+    # First row of the file, degrees -> radians.
+    first = torch.tensor(
+        [-69.168933, 173.922722, 51.484039, 80.803534, -62.903735, 10.972630, -167.619661],
+        dtype=torch.float64,
+    )
+    torch.testing.assert_close(angles[0], torch.deg2rad(first))
+    x = datasets.rna(torch.float64)
+    assert x.shape == (9478, 14)
+    torch.testing.assert_close(x[:, 0::2], angles.cos())
+    torch.testing.assert_close(x[:, 1::2], angles.sin())
+    torch.testing.assert_close(datasets.flat_torus_angles(x), angles)
+    assert datasets.rna().dtype == torch.get_default_dtype()
+
+
+def test_rna_points_lie_on_the_product_of_circle_charts():
+    """The points are in the image of the library's torus embedding (seven circle charts)."""
+    x = datasets.rna(torch.float64)
+    torus = ProductEmbedding([InverseStereographic(1) for _ in range(7)]).double()
+    torch.testing.assert_close(torus(torus.inv(x)), x)
+
+
+def test_flat_torus_angles_rejects_an_odd_width():
+    with pytest.raises(ValueError, match="even"):
+        datasets.flat_torus_angles(torch.zeros(3, 5))
+
+
+@pytest.mark.parametrize("n", [10, 827, 4875, 6120, 12809])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_split_is_the_literature_protocol(n, seed):
+    """default_rng(seed).permutation cut into N - 2 (N // 10), N // 10 and N // 10 rows."""
+    parts = datasets.split(torch.arange(n), seed)
+    assert [len(p) for p in parts] == [n - 2 * (n // 10), n // 10, n // 10]
+    perm = np.random.default_rng(seed).permutation(n)
+    assert torch.equal(torch.cat(parts), torch.from_numpy(perm))
+    arrays = datasets.split(np.arange(n), seed)
+    assert all(np.array_equal(a, p.numpy()) for a, p in zip(arrays, parts, strict=True))
+
+
+def test_split_keeps_rows_and_depends_on_the_seed():
+    x = datasets.earth("volcano", torch.float64)
+    train, val, test = datasets.split(x, seed=0)
+    assert train.shape[1:] == x.shape[1:]
+    assert not torch.equal(datasets.split(x, seed=1)[2], test)
+    assert torch.equal(datasets.split(x, seed=0)[2], test)
+    parts = datasets.split(x, seed=0, fractions=(0.5, 0.5))
+    assert [len(p) for p in parts] == [414, 413]
+
+
+@pytest.mark.parametrize("fractions", [(0.8, 0.1), (0.9, 0.2, -0.1), (1.0, 0.0), ()])
+def test_split_rejects_bad_fractions(fractions):
+    with pytest.raises(ValueError, match="fractions"):
+        datasets.split(torch.arange(10), 0, fractions)
+
+
+def test_split_rejects_a_non_integer_seed():
+    with pytest.raises(TypeError, match="seed"):
+        datasets.split(torch.arange(10), 0.5)
+
+
+@pytest.mark.parametrize("module", ["atlasdist.datasets.real", "atlasdist.datasets.splits"])
+def test_docstring_examples_run(module):
+    result = doctest.testmod(
+        importlib.import_module(module), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS
+    )
+    assert result.attempted > 0 and result.failed == 0
