@@ -1,11 +1,12 @@
 """Fitting loops and objectives."""
 
 from .fif import fif_loss, fif_loss_terms, hutchinson_vectors, volume_change_surrogate
-from .mle import fit, negative_log_likelihood
+from .mle import FitHistory, fit, negative_log_likelihood
 from .objectives import AtlasObjective
 
 __all__ = [
     "fit",
+    "FitHistory",
     "negative_log_likelihood",
     "AtlasObjective",
     "fif_loss",
