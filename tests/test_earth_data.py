@@ -128,3 +128,47 @@ def test_docstring_examples_run(module):
         importlib.import_module(module), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS
     )
     assert result.attempted > 0 and result.failed == 0
+
+
+def _benchmark():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "earth.py"
+    spec = importlib.util.spec_from_file_location("earth_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("kappa", [3.0, 50.0, 800.0])
+def test_benchmark_kernel_densities_are_normalized(kappa):
+    """The baselines' densities integrate to 1: vMF on S^2 (quadrature), von Mises on S^1."""
+    from atlasdist.demo import sphere_quadrature
+
+    bench = _benchmark()
+    centres = datasets.earth("volcano", torch.float64)[:5]
+    points, weights = sphere_quadrature(400 if kappa > 100 else 200, 800 if kappa > 100 else 400)
+    p = bench.kernel_log_prob(points, centres, kappa, bench.vmf_log_norm).exp()
+    assert abs(float((p * weights).sum()) - 1) < 1e-6
+    theta = (torch.arange(20000, dtype=torch.float64) + 0.5) * (2 * math.pi / 20000)
+    circle = datasets.flat_torus(theta[:, None])
+    centres = datasets.flat_torus(torch.tensor([[0.3], [2.0]], dtype=torch.float64))
+    log_norm = lambda k: bench.von_mises_log_norm(k, dims=1)  # noqa: E731
+    p = bench.kernel_log_prob(circle, centres, kappa, log_norm).exp()
+    assert abs(float(p.sum()) * 2 * math.pi / 20000 - 1) < 1e-6
+
+
+def test_benchmark_quick_mode_runs(tmp_path):
+    bench = _benchmark()
+    out = tmp_path / "earth"
+    results = bench.main(
+        ["--quick", "--subset", "300", "--dataset", "volcano", "rna", "--out", str(out)]
+    )
+    for name in ("volcano", "rna"):
+        rows = results[name][0]
+        assert len(rows) == 3 and all(math.isfinite(nll) for nll, _, _ in rows.values())
+    table = (tmp_path / "earth.md").read_text()
+    assert "Moser flow (published) | -4.21" in table and "vMF kernel density (this run)" in table
+    assert "product von Mises mixture" in table
+    assert (tmp_path / "earth_volcano.png").stat().st_size > 10000
