@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
+from ._checks import check_features
 from .charts import ChartMembership
 from .charts.specs import (
     ChartSpec,
@@ -23,7 +24,7 @@ from .charts.specs import (
 )
 from .distributions.atlas import AtlasFlowDistribution
 from .lazy import LazyDistribution
-from .transforms import ChartSpline, chart_affine_coupling
+from .transforms import ChartSpline, Hypernet, chart_affine_coupling
 
 __all__ = ["AtlasFlow", "default_latent_flow"]
 
@@ -84,13 +85,27 @@ class AtlasFlow(LazyDistribution):
         code_features: width of the chart code: chart contexts wider than this are
             projected by a learned linear map, once per chart per call, to the features that
             condition the latent flows and learned charts (so their networks' cost does not
-            grow with the context width, e.g. :math:`D` or :math:`K`).
+            grow with the context width, e.g. :math:`D` or :math:`K`). A conditioning input
+            wider than this is projected the same way.
+        context_features: size :math:`e` of a conditioning input :math:`c`, for
+            :math:`p(x \mid c)` (0: none). Then ``atlas(c)`` with :math:`c` of shape
+            :math:`(*B, e)` is a distribution of batch shape :math:`(*B)`: the mixture weights
+            are :math:`\mathrm{softmax}(\ell + w(c))` with a network :math:`w` that starts at
+            zero, and the default latent flows are conditioned on :math:`[v_k, c]`; the charts
+            (the manifold) and the membership are shared by every :math:`c`. Custom ``flows``
+            then take a context of the chart code's width plus :math:`\min(e,` ``code_features``
+            :math:`)`.
 
     Example:
         >>> atlas = AtlasFlow(D=3, d=2, charts=4)
         >>> p = atlas()
         >>> p.sample((2,)).shape
         torch.Size([2, 3])
+        >>> conditional = AtlasFlow(D=3, d=2, charts=4, context_features=5)
+        >>> p = conditional(torch.randn(7, 5))  # p(x | c) for 7 inputs c
+        >>> x = p.sample((2,))
+        >>> x.shape, p.log_prob(x).shape
+        (torch.Size([2, 7, 3]), torch.Size([2, 7]))
     """
 
     def __init__(
@@ -112,8 +127,14 @@ class AtlasFlow(LazyDistribution):
         hidden: Sequence[int] = (64, 64),
         count_bins: int = 8,
         code_features: int = 32,
+        context_features: int = 0,
     ):
         super().__init__()
+        if isinstance(context_features, bool) or int(context_features) < 0:
+            raise ValueError(
+                f"AtlasFlow: context_features must be an int >= 0, got {context_features}"
+            )
+        self.context_features = int(context_features)
         if not 1 <= d < D:
             raise ValueError(f"AtlasFlow needs 1 <= d < D, got d={d}, D={D}")
         stack = None
@@ -150,28 +171,43 @@ class AtlasFlow(LazyDistribution):
             self.register_buffer("context", torch.as_tensor(context).clone())
         else:
             self.context = None
-        context_features = (centres if context is None else self.context).shape[-1]
-        if context_features > code_features:
-            self.chart_code = nn.Linear(context_features, code_features, dtype=centres.dtype)
-            context_features = code_features
+        chart_features = (centres if context is None else self.context).shape[-1]
+        if chart_features > code_features:
+            self.chart_code = nn.Linear(chart_features, code_features, dtype=centres.dtype)
+            chart_features = code_features
         else:
             self.chart_code = None
+        input_features = 0
+        if self.context_features:
+            # p(x | c): c's features condition the latent flows next to the chart code, and a
+            # network of c (zero at the start) shifts the mixture logits.
+            input_features = min(self.context_features, code_features)
+            self.input_code = (
+                nn.Linear(self.context_features, code_features, dtype=centres.dtype)
+                if self.context_features > code_features
+                else None
+            )
+            self.weights_net = Hypernet(self.context_features, num_charts, hidden[:1]).to(
+                centres.dtype
+            )
         if flows is None:
-            flows = default_latent_flow(d, context_features, layers, hidden, count_bins)
+            flows = default_latent_flow(
+                d, chart_features + input_features, layers, hidden, count_bins
+            )
         self.flow_parts = list(flows)
         self.flow_modules = nn.ModuleList([p for p in self.flow_parts if isinstance(p, nn.Module)])
         if stack is None:
             if embedding is None:
-                embedding = LearnedCharts(num_charts, d, D, context_features)
+                embedding = LearnedCharts(num_charts, d, D, chart_features)
             stack = as_charts(embedding, num_charts)
         for spec in stack.specs:
             want = getattr(getattr(spec, "parts", None), "context_features", None)
-            if want is not None and want != context_features:
+            if want is not None and want != chart_features:
                 raise ValueError(
                     f"AtlasFlow: {type(spec).__name__} takes chart features of width {want}, "
-                    f"the atlas gives {context_features} (its context, or centres, projected to "
+                    f"the atlas gives {chart_features} (its context, or centres, projected to "
                     f"at most code_features={code_features}); build the charts with "
-                    f"context_features={context_features} or pass a context of width {want}"
+                    f"context_features={chart_features} or pass a context of width {want}"
                 )
         self.charts = stack
         self.base = base
@@ -304,18 +340,37 @@ class AtlasFlow(LazyDistribution):
         noise_scale: float | None = ...,
         validate_args: bool | None = None,
     ) -> AtlasFlowDistribution:
-        """The distribution with the current parameters (``noise_scale`` overrides the
+        r"""The distribution with the current parameters, :math:`p(x)` or, for an atlas built
+        with ``context_features``, :math:`p(x \mid c)` (``noise_scale`` overrides the
         module's); ``flow(...)`` is an alias."""
-        self._no_context(c)
+        logits, inputs = self.logits, None
+        if not self.context_features:
+            self._no_context(c)
+        else:
+            if c is None:
+                raise ValueError(
+                    f"AtlasFlow: built with context_features={self.context_features}, so it "
+                    f"models p(x | c): call it with c of shape (*, {self.context_features})"
+                )
+            check_features(c, self.context_features, "AtlasFlow", "c")
+            if c.dtype != self.logits.dtype or c.device != self.logits.device:
+                raise ValueError(
+                    f"AtlasFlow: c has dtype {c.dtype} on {c.device}, the atlas's parameters "
+                    f"have dtype {self.logits.dtype} on {self.logits.device}; convert c with "
+                    ".to(...)"
+                )
+            logits = self.logits + self.weights_net(c)
+            inputs = c if self.input_code is None else self.input_code(c)
         return AtlasFlowDistribution(
             self.base_distribution(),
             self.flow_parts,
             self.charts,
             self.centres,
-            self.logits,
+            logits,
             self.membership,
             context=self.context,
             chart_code=self.chart_code,
+            inputs=inputs,
             atol=self.atol,
             noise_scale=self.noise_scale if noise_scale is ... else noise_scale,
             validate_args=validate_args,

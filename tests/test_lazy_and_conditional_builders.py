@@ -2,13 +2,15 @@
 returns the distribution, ``module.flow(c)`` is the same, ``.to`` moves the base with the
 parameters, a builder made without a context refuses one. And conditioning: SphereFlow and
 SimplexFlow with ``context_features`` model p(x | c), one exact, normalized density per row of
-c (checked by the quadrature rules of tests/_manifold_checks.py)."""
+c (checked by the quadrature rules of tests/_manifold_checks.py); the atlas with
+``context_features`` likewise, its mixture weights and latent flows depending on c."""
 
 from __future__ import annotations
 
 import pyro
 import pytest
 import torch
+from _atlases import circle_points, randomize_flows
 from _manifold_checks import (
     MANIFOLDS,
     SIMPLEX,
@@ -18,6 +20,7 @@ from _manifold_checks import (
 )
 from torch import nn
 
+from atlasdist import AtlasFlow
 from atlasdist.distributions import (
     FreeFormInjectiveFlow,
     ManifoldPrior,
@@ -206,3 +209,103 @@ def test_conditional_flow_in_a_pyro_model(m):
     trace.compute_log_prob()
     torch.testing.assert_close(trace.nodes["obs"]["log_prob"], module(CONTEXTS).log_prob(x))
     assert module.to(torch.float32)(CONTEXTS.float()).sample().dtype == torch.float32
+
+
+# --- conditioning: p(x | c) for the atlas -----------------------------------------------------
+
+
+def conditional_circle(seed=0, context_features=2):
+    """S^1 with two stereographic charts, its mixture weights and latent flows conditioned on c
+    (random networks, so that the densities differ with c)."""
+    torch.manual_seed(seed)
+    poles = torch.tensor([[0.0, 1.0], [0.0, -1.0]])
+    atlas = AtlasFlow.spheres(
+        1,
+        torch.zeros(2, 2),
+        torch.ones(2),
+        poles,
+        hidden=(8,),
+        layers=2,
+        context_features=context_features,
+    )
+    randomize_flows(atlas.double(), seed, 0.3)
+    randomize(atlas.weights_net, seed, 0.5)
+    return atlas
+
+
+def test_conditional_atlas_shapes_and_rows():
+    atlas = conditional_circle()
+    d = atlas(CONTEXTS)
+    assert tuple(d.batch_shape) == (3,) and d.event_shape == (2,)
+    x, charts = d.rsample_with_charts((5,))
+    assert x.shape == (5, 3, 2) and charts.shape == (5, 3)
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(5, 3, dtype=torch.float64))
+    assert d.log_prob(x).shape == (5, 3) and d.log_prob(x[0]).shape == (3,)
+    for b, c in enumerate(CONTEXTS):
+        torch.testing.assert_close(d.log_prob(x)[:, b], atlas(c).log_prob(x[:, b]))
+        torch.testing.assert_close(d.mixture_log_weights[b], atlas(c).mixture_log_weights)
+    torch.testing.assert_close(atlas.flow(CONTEXTS).log_prob(x), d.log_prob(x))
+    assert tuple(atlas(CONTEXTS.expand(2, 3, 2)).batch_shape) == (2, 3)
+    assert tuple(d.expand((4, 3)).log_prob(x[:4]).shape) == (4, 3)
+    # A draw's chart decodes its latent point given its own c.
+    z, k = d.encode(x[0], stochastic=True)
+    torch.testing.assert_close(d.decode(z, k), x[0])
+
+
+def test_conditional_atlas_densities_differ_and_each_integrates_to_one():
+    atlas = conditional_circle()
+    points, weights = circle_points(32768)
+    values = []
+    for c in CONTEXTS:
+        with torch.no_grad():
+            density = atlas(c, validate_args=True).log_prob(points).exp()
+        values.append(density)
+        assert abs(float((density * weights).sum()) - 1) <= 1e-6
+    assert float((values[0] - values[1]).abs().max()) > 0.05
+    # Weights that depend on c: the chart probabilities of two contexts differ.
+    log_w = atlas(CONTEXTS).mixture_log_weights
+    assert float((log_w[0] - log_w[2]).abs().max()) > 0.05
+
+
+def test_conditional_atlas_gradients_reach_the_conditioning_networks():
+    atlas = conditional_circle()
+    d = atlas(CONTEXTS)
+    x = d.sample((8,))
+    (-atlas(CONTEXTS).log_prob(x).mean() - d.rsample((4,)).sum()).backward()
+    for name in ["weights_net", "flow_modules"]:
+        grads = [p.grad for p in getattr(atlas, name).parameters()]
+        assert all(g is not None and bool(torch.isfinite(g).all()) for g in grads), name
+        assert any(float(g.abs().max()) > 0 for g in grads), name
+
+
+def test_conditional_atlas_needs_a_context_of_its_size_and_dtype():
+    atlas = conditional_circle()
+    with pytest.raises(ValueError, match=r"context_features=2, so it models p\(x \| c\)"):
+        atlas()
+    with pytest.raises(ValueError, match=r"expected c of shape \(\*, 2\), got \(4, 3\)"):
+        atlas(torch.zeros(4, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="c has dtype torch.float32 .* convert c with"):
+        atlas(torch.zeros(4, 2))
+    with pytest.raises(ValueError, match="context_features must be an int >= 0"):
+        AtlasFlow(3, 2, 2, context_features=-1)
+
+
+def test_a_wide_conditioning_input_is_projected_to_the_code_width():
+    atlas = AtlasFlow(3, 2, 2, context_features=40, code_features=8, hidden=(8,))
+    assert atlas.input_code.out_features == 8
+    x = atlas(torch.randn(5, 40)).sample((3,))
+    assert x.shape == (3, 5, 3)
+
+
+def test_conditional_atlas_in_a_pyro_model():
+    atlas = conditional_circle()
+    x = atlas(CONTEXTS).sample()
+
+    def model():
+        pyro.module("conditional_atlas", atlas)
+        with pyro.plate("data", 3):
+            pyro.sample("obs", atlas(CONTEXTS), obs=x)
+
+    trace = pyro.poutine.trace(model).get_trace()
+    trace.compute_log_prob()
+    torch.testing.assert_close(trace.nodes["obs"]["log_prob"], atlas(CONTEXTS).log_prob(x))

@@ -66,6 +66,14 @@ class AtlasFlowDistribution(EmbeddedDistribution):
     the product measure). Without ``noise_scale``, ``log_prob`` of an off-support point is
     :math:`-\infty`, or a ``ValueError`` giving its distance under ``validate_args``.
 
+    **Conditional atlas** :math:`p(x \mid c)`. With ``logits`` of shape :math:`(*B, K)` the
+    mixture weights :math:`\pi_k(c)` differ per batch element; with ``inputs`` of shape
+    :math:`(*B, e)` (features of :math:`c`) the latent flows are conditioned on
+    :math:`[v_k, e]`, chart features and inputs (:class:`~atlasdist.transforms.ChartContext`),
+    so :math:`h_k = h_k(\cdot\,; c)`. The charts (the manifold) and the membership do not
+    depend on :math:`c`. The batch shape is :math:`(*B)`; every formula above holds for each
+    :math:`c`, so each batch element is an exact, normalized density.
+
     **Gradients.** ``rsample`` is pathwise for every continuous parameter (base, flows,
     embeddings, contexts/centres); the chart index is discrete, so the mixture logits get no
     gradient from ``rsample`` (train them through ``log_prob``).
@@ -86,12 +94,15 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             (conditioned on the chart context) or one
             :class:`~atlasdist.transforms.InjectiveTransform` shared by all charts.
         centres: chart centres :math:`v_k` in code space, shape :math:`(K, c)`.
-        logits: mixture logits, shape :math:`(K,)`.
+        logits: mixture logits, shape :math:`(K,)`, or :math:`(*B, K)` for weights that
+            depend on a conditioning input.
         membership: a :class:`~atlasdist.charts.ChartMembership`.
         context: conditioning context of each chart, shape :math:`(K, c')`; default
             ``centres``.
         chart_code: optional map of the contexts to the chart features the flows and charts
             are conditioned on (e.g. a learned linear projection), applied once per call.
+        inputs: per-batch-element features that condition the latent flows, shape
+            :math:`(*B, e)`, or ``None``.
         atol: on-image tolerance (relative to :math:`1 + |x|`); default :math:`10^{-4}` in
             float32 and :math:`10^{-8}` in float64.
         noise_scale: :math:`\sigma` of the thickened density, or ``None`` (exact density).
@@ -117,17 +128,23 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         membership,
         context: torch.Tensor | None = None,
         chart_code=None,
+        inputs: torch.Tensor | None = None,
         atol: float | None = None,
         noise_scale: float | None = None,
-        batch_shape: torch.Size = _EMPTY,
+        batch_shape: torch.Size | None = None,
         validate_args: bool | None = None,
     ):
         d = latent_dim_of(base)
         if centres.dim() != 2:
             raise ValueError(f"centres must have shape (K, c), got {tuple(centres.shape)}")
         num_charts = centres.shape[0]
-        if logits.shape != (num_charts,):
-            raise ValueError(f"logits must have shape ({num_charts},), got {tuple(logits.shape)}")
+        check_features(logits, num_charts, "AtlasFlowDistribution", "logits")
+        if inputs is not None and inputs.dim() < 1:
+            raise ValueError("AtlasFlowDistribution: inputs must have shape (*B, e), got ()")
+        if batch_shape is None:
+            batch_shape = torch.broadcast_shapes(
+                logits.shape[:-1], () if inputs is None else inputs.shape[:-1]
+            )
         context = centres if context is None else context
         if context.dim() != 2 or context.shape[0] != num_charts:
             raise ValueError(
@@ -145,7 +162,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             )
         self.base, self.flows, self.charts = base, list(flows), charts
         self.centres, self.logits, self.context = centres, logits, context
-        self.chart_code = chart_code
+        self.chart_code, self.inputs = chart_code, inputs
         self.membership = membership
         self.latent_dim = d
         self.atol, self.noise_scale = atol, noise_scale
@@ -168,45 +185,72 @@ class AtlasFlowDistribution(EmbeddedDistribution):
 
     @property
     def mixture_log_weights(self) -> torch.Tensor:
-        r""":math:`\log \pi_k`, shape :math:`(K,)`."""
+        r""":math:`\log \pi_k`, shape :math:`(K,)` (or :math:`(*B, K)` when they depend on a
+        conditioning input)."""
         return self.logits.log_softmax(-1)
 
-    def chart_maps(self, charts: torch.Tensor):
+    def _conditioning(self, shape: torch.Size):
+        """Per-row mixture log weights (N, K) (or (K,) when shared) and flow inputs (N, e) (or
+        None) for the N = prod(shape) flat rows of a batch of that shape."""
+        log_weights = self.mixture_log_weights
+        if log_weights.dim() > 1:
+            log_weights = log_weights.expand(shape + log_weights.shape[-1:]).reshape(
+                -1, self.num_charts
+            )
+        inputs = self.inputs
+        if inputs is not None:
+            inputs = inputs.expand(shape + inputs.shape[-1:]).reshape(-1, inputs.shape[-1])
+        return log_weights, inputs
+
+    def chart_maps(self, charts: torch.Tensor, inputs: torch.Tensor | None = None):
         r"""The latent flow :math:`h` and embedding :math:`c` of the given charts, conditioned
-        row-wise: ``charts`` of shape :math:`(N,)` gives transforms acting on :math:`(N, \cdot)`.
-        Per-chart quantities are computed once for the :math:`K` charts and gathered by
-        ``charts``.
+        row-wise: ``charts`` of shape :math:`(N,)` (and the latent flows' per-row ``inputs``
+        :math:`(N, e)`) gives transforms acting on :math:`(N, \cdot)`. Per-chart quantities
+        are computed once for the :math:`K` charts and gathered by ``charts``.
         """
         features = self.context if self.chart_code is None else self.chart_code(self.context)
-        ctx = ChartContext(features, charts)
-        return [condition(part, ctx) for part in self.flows], self.charts.embedding(ctx)
+        ctx = ChartContext(features, charts, inputs)
+        flows = [condition(part, ctx) for part in self.flows]
+        return flows, self.charts.embedding(ctx.chart_only())
 
     # -- sampling ------------------------------------------------------------------------
 
     def decode(self, z: torch.Tensor, charts: torch.Tensor) -> torch.Tensor:
-        r""":math:`x = g_k(z)`: ``z`` :math:`(*, d)`, ``charts`` :math:`(*)` :math:`\to (*, D)`."""
-        flat_z = z.reshape(-1, self.latent_dim)
-        flows, emb = self.chart_maps(charts.reshape(-1))
+        r""":math:`x = g_k(z)`: ``z`` :math:`(*, d)`, ``charts`` :math:`(*)` :math:`\to (*, D)`
+        (:math:`(*)` broadcast with the batch shape for a conditional atlas)."""
+        shape = torch.broadcast_shapes(z.shape[:-1], charts.shape, self.batch_shape)
+        return self._decode_flat(
+            z.expand(shape + z.shape[-1:]).reshape(-1, self.latent_dim),
+            charts.expand(shape).reshape(-1),
+            self._conditioning(shape)[1],
+        ).reshape(shape + (self.ambient_dim,))
+
+    def _decode_flat(self, flat_z, charts, inputs):
+        flows, emb = self.chart_maps(charts, inputs)
         u = flat_z
         for t in flows:
             u = t(u)
-        return emb(u).reshape(z.shape[:-1] + (self.ambient_dim,))
+        return emb(u)
 
     def rsample_with_charts(self, sample_shape=_EMPTY):
         r"""Draws :math:`k \sim \pi`, :math:`z \sim q`, :math:`x = g_k(z)`; returns
         ``(x, k)`` of shapes ``sample_shape + batch_shape + (D,)`` and ``... + ()``."""
         shape = self._extended_shape(sample_shape)
         n = math.prod(shape[:-1])
-        charts = Categorical(logits=self.logits).sample((n,))
+        log_weights, inputs = self._conditioning(shape[:-1])
+        if log_weights.dim() == 1:
+            charts = Categorical(logits=log_weights).sample((n,))
+        else:
+            charts = Categorical(logits=log_weights).sample()
         z = self.base.rsample((n,))
-        x = self.decode(z, charts)
+        x = self._decode_flat(z, charts, inputs)
         if self.noise_scale is not None:
-            x = x + self.noise_scale * self._normal_noise(z, charts)
+            x = x + self.noise_scale * self._normal_noise(z, charts, inputs)
         return x.reshape(shape), charts.reshape(shape[:-1])
 
-    def _normal_noise(self, z, charts):
+    def _normal_noise(self, z, charts, inputs):
         # Isotropic noise in the (D - d)-dimensional normal space of the chart at g_k(z).
-        jac = batched_jacobian(lambda w: self.decode(w, charts), z.detach())
+        jac = batched_jacobian(lambda w: self._decode_flat(w, charts, inputs), z.detach())
         q = torch.linalg.qr(jac, mode="complete").Q[..., self.latent_dim :]
         eps = torch.randn(q.shape[:-2] + q.shape[-1:], dtype=z.dtype, device=z.device)
         return (q @ eps.unsqueeze(-1)).squeeze(-1)
@@ -242,13 +286,16 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             z = previous
         return z, self.base.log_prob(z) - log_det
 
-    def _pairs(self, x: torch.Tensor):
-        """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D) in one
-        batched pass; returns per-pair tensors of shape (N, C, ...)."""
+    def _pairs(self, x: torch.Tensor, shape: torch.Size):
+        """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D), a batch of
+        shape ``shape``, in one batched pass; returns per-pair tensors of shape (N, C, ...)."""
         charts, region = self.membership.candidates(x, self.centres)
         n, c = charts.shape
         xs = x.unsqueeze(1).expand(n, c, self.ambient_dim).reshape(n * c, self.ambient_dim)
-        flows, emb = self.chart_maps(charts.reshape(-1))
+        log_weights, inputs = self._conditioning(shape)
+        if inputs is not None:
+            inputs = inputs.repeat_interleave(c, 0)
+        flows, emb = self.chart_maps(charts.reshape(-1), inputs)
         # Points outside a chart's domain (a stereographic pole, a Möbius pole) are not on
         # that chart's image: the atlas decides membership itself, so layer checks are off.
         with no_validation():
@@ -275,7 +322,10 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             "z": z.reshape(n, c, self.latent_dim),
             "recon": recon.reshape(n, c, self.ambient_dim),
             "error": error.reshape(n, c),
-            "log_joint": (self.mixture_log_weights[charts] + log_chart.reshape(n, c)),
+            "log_joint": (
+                (log_weights[charts] if log_weights.dim() == 1 else log_weights.gather(1, charts))
+                + log_chart.reshape(n, c)
+            ),
             "on_image": region
             & (error <= self._tolerance(xs)).reshape(n, c)
             & torch.isfinite(log_chart).reshape(n, c),
@@ -287,8 +337,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         x = x.expand(shape + (self.ambient_dim,))
         return x.reshape(-1, self.ambient_dim), shape
 
-    def _exact_log_prob(self, flat: torch.Tensor, raise_off_support: bool) -> torch.Tensor:
-        pairs = self._pairs(flat)
+    def _exact_log_prob(self, flat, shape, raise_off_support: bool) -> torch.Tensor:
+        pairs = self._pairs(flat, shape)
         log_joint = pairs["log_joint"].masked_fill(~pairs["on_image"], -math.inf)
         lp = log_joint.logsumexp(-1)
         if raise_off_support:
@@ -310,9 +360,9 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         measure; returns shape ``broadcast(*, batch_shape)``."""
         flat, shape = self._flat(value)
         if self.noise_scale is None:
-            lp = self._exact_log_prob(flat, raise_off_support=bool(self._validate_args))
+            lp = self._exact_log_prob(flat, shape, raise_off_support=bool(self._validate_args))
             return lp.reshape(shape)
-        pairs = self._pairs(flat)
+        pairs = self._pairs(flat, shape)
         codim = self.ambient_dim - self.latent_dim
         sigma = self.noise_scale
         log_normal = -0.5 * codim * math.log(2 * math.pi * sigma**2) - pairs["error"].pow(2) / (
@@ -335,12 +385,12 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         density (that is :meth:`log_prob`).
         """
         flat, shape = self._flat(value)
-        return {k: v.reshape(shape + v.shape[1:]) for k, v in self._pairs(flat).items()}
+        return {k: v.reshape(shape + v.shape[1:]) for k, v in self._pairs(flat, shape).items()}
 
     # -- off the support -----------------------------------------------------------------
 
-    def _project_flat(self, flat):
-        pairs = self._pairs(flat)
+    def _project_flat(self, flat, shape):
+        pairs = self._pairs(flat, shape)
         error = pairs["error"].masked_fill(~pairs["region"], math.inf)
         best = error.argmin(-1, keepdim=True)
         recon = pairs["recon"].gather(1, best.unsqueeze(-1).expand(-1, 1, self.ambient_dim))
@@ -355,7 +405,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             error).
         """
         flat, shape = self._flat(value)
-        x, dist, charts = self._project_flat(flat)
+        x, dist, charts = self._project_flat(flat, shape)
         return x.reshape(shape + (self.ambient_dim,)), dist.reshape(shape), charts.reshape(shape)
 
     def distance_to_support(self, value: torch.Tensor) -> torch.Tensor:
@@ -376,12 +426,12 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             are not candidates for the point hold :math:`-\infty`.
         """
         flat, shape = self._flat(value)
-        post, pairs = self._posterior(flat)
+        post, pairs = self._posterior(flat, shape)
         c = post.shape[-1]
         return pairs["charts"].reshape(shape + (c,)), post.reshape(shape + (c,))
 
-    def _posterior(self, flat):
-        pairs = self._pairs(flat)
+    def _posterior(self, flat, shape):
+        pairs = self._pairs(flat, shape)
         on = pairs["on_image"]
         if self.noise_scale is not None:
             error = pairs["error"].masked_fill(~pairs["region"], math.inf)
@@ -407,7 +457,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             shape :math:`(*)` (the most probable chart for the deterministic form).
         """
         flat, shape = self._flat(value)
-        post, pairs = self._posterior(flat)
+        post, pairs = self._posterior(flat, shape)
         if stochastic:
             pick = Categorical(logits=post).sample().unsqueeze(-1)
         else:

@@ -145,7 +145,7 @@ def fif_loss_terms(
     hutchinson_samples: int = 1,
     noise: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    r"""The per-point terms of :func:`fif_loss`: ``reconstruction``
+    r"""The per-point terms of :func:`fif_loss` (same arguments): ``reconstruction``
     :math:`|x - g(f(x))|^2`, ``latent_nll`` :math:`-\log q(f(x))`, ``surrogate`` and
     ``loss`` (their combination), each of shape :math:`(N,)`, and ``z`` :math:`(N, d)`."""
     if batch.dim() != 2:
@@ -168,13 +168,7 @@ def fif_loss_terms(
     }
 
 
-def fif_loss(
-    model: nn.Module,
-    batch: torch.Tensor,
-    beta: float = 1.0,
-    hutchinson_samples: int = 1,
-    noise: float = 0.0,
-) -> torch.Tensor:
+def fif_loss(model: nn.Module, batch: torch.Tensor, **options) -> torch.Tensor:
     r"""Mean FIF loss
     :math:`\beta |x - g(f(x))|^2 - \log q(f(x)) - v^\top J_f(x)\,\mathrm{SG}(J_g(f(x)) v)`
     of a batch.
@@ -190,6 +184,8 @@ def fif_loss(
         model: a :class:`~atlasdist.distributions.free_form.FreeFormInjectiveFlow` (anything
             with ``encoder``, ``decoder`` and ``base_distribution()``).
         batch: data of shape :math:`(N, D)`.
+        options: ``beta``, ``hutchinson_samples``, ``noise`` (keywords, as below; the
+            arguments of :func:`fif_loss_terms`).
         beta: reconstruction weight :math:`\beta`; too small a weight lets the encoder keep
             the noise instead of the position along the manifold (reference/002, Fig. 3).
         hutchinson_samples: probes per point, :math:`1 \le K \le d`.
@@ -217,4 +213,4 @@ def fif_loss(
         Sorrenson et al. (2023), *Lifting Architectural Constraints of Injective Flows*
         (reference/002).
     """
-    return fif_loss_terms(model, batch, beta, hutchinson_samples, noise)["loss"].mean()
+    return fif_loss_terms(model, batch, **options)["loss"].mean()

@@ -1,4 +1,8 @@
-"""Injective, conformal and chart-conditioned transforms."""
+"""Injective, conformal and chart-conditioned transforms.
+
+The public names are those of the submodules (their ``__all__``), plus the facts about the
+sphere and the simplex the manifold flows use (:mod:`atlasdist.manifolds`).
+"""
 
 from ..manifolds import (
     helmert_basis,
@@ -7,98 +11,40 @@ from ..manifolds import (
     sphere_tolerance,
     unit_sphere,
 )
-from .conditional import (
-    ChartContext,
-    ChartDenseNN,
-    ChartSpline,
-    ChartTable,
-    Conditional,
-    ConditionalCompose,
-    Hypernet,
-    chart_affine_coupling,
-    condition,
+from . import (
+    conditional,
+    conformal,
+    indexed,
+    injective,
+    manifold,
+    product,
+    simplex,
+    sphere,
+    spline,
 )
-from .conformal import (
-    ConformalEmbedding,
-    InverseStereographic,
-    Mobius,
-    Orthogonal,
-    Scale,
-    Shift,
-    Similarity,
-    StiefelEmbedding,
-    ZeroPad,
-    compact_wy,
-    householder_reflectors,
-    householder_stiefel,
-    householder_stiefel_raw,
-    householder_to,
-    reflect_to,
-)
-from .indexed import indexed_matvec, per_tile, tile_plan, tiled
-from .injective import (
-    ConformalTransform,
-    EventTransform,
-    InjectiveCompose,
-    InjectiveTransform,
-    compose,
-    is_conformal,
-)
-from .manifold import ManifoldFlow, ManifoldTransform, qr_parametrized
-from .product import ProductEmbedding
-from .simplex import Calibration, GeneralizedCalibration
-from .sphere import NormalizedAffine, NormalizedLinear, NormalizedTranslation
-from .spline import RationalQuadraticSpline, spline_knots
+from .conditional import *  # noqa: F403  (the names are the submodules' __all__)
+from .conformal import *  # noqa: F403
+from .indexed import *  # noqa: F403
+from .injective import *  # noqa: F403
+from .manifold import *  # noqa: F403
+from .product import *  # noqa: F403
+from .simplex import *  # noqa: F403
+from .sphere import *  # noqa: F403
+from .spline import *  # noqa: F403
 
 __all__ = [
-    "EventTransform",
-    "InjectiveTransform",
-    "ConformalTransform",
-    "is_conformal",
-    "InjectiveCompose",
-    "compose",
-    "ZeroPad",
-    "StiefelEmbedding",
-    "Orthogonal",
-    "Similarity",
-    "Scale",
-    "Shift",
-    "Mobius",
-    "InverseStereographic",
-    "ConformalEmbedding",
-    "householder_to",
-    "reflect_to",
-    "indexed_matvec",
-    "tile_plan",
-    "tiled",
-    "per_tile",
-    "ProductEmbedding",
-    "NormalizedTranslation",
-    "NormalizedLinear",
-    "NormalizedAffine",
+    *injective.__all__,
+    *conformal.__all__,
+    *indexed.__all__,
+    *product.__all__,
+    *sphere.__all__,
+    *simplex.__all__,
+    *manifold.__all__,
+    *spline.__all__,
+    *conditional.__all__,
     "unit_sphere",
     "sphere_tolerance",
-    "Calibration",
-    "GeneralizedCalibration",
     "helmert_basis",
-    "ManifoldTransform",
-    "ManifoldFlow",
     "sphere_projection",
     "simplex_projection",
-    "qr_parametrized",
-    "RationalQuadraticSpline",
-    "spline_knots",
-    "ChartContext",
-    "Hypernet",
-    "ChartTable",
-    "Conditional",
-    "ConditionalCompose",
-    "ChartDenseNN",
-    "ChartSpline",
-    "chart_affine_coupling",
-    "condition",
-    "householder_stiefel",
-    "householder_stiefel_raw",
-    "householder_reflectors",
-    "compact_wy",
 ]

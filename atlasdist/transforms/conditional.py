@@ -52,21 +52,45 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ChartContext:
-    r"""The context of a chart-conditioned evaluation: per-chart features and the chart of
-    each row.
+    r"""The context of a chart-conditioned evaluation: per-chart features, the chart of each
+    row and, optionally, per-row inputs.
+
+    The context of row :math:`i` is :math:`[v_{k_i}, e_i]`: the features of its chart
+    :math:`k_i` followed by its own inputs :math:`e_i` (e.g. the conditioning input :math:`c`
+    of an atlas modelling :math:`p(x \mid c)`). Chart-aware layers compute what depends only
+    on :math:`v_k` once per chart and add the per-row part.
 
     Arguments:
-        features: features of every chart, shape :math:`(K, c)` (computed once per call).
+        features: features of every chart, shape :math:`(K, f)` (computed once per call).
         index: chart of each input row, integer tensor of shape :math:`(B,)`.
+        inputs: per-row inputs, shape :math:`(B, e)`, or ``None``.
+
+    Example:
+        >>> ctx = ChartContext(torch.eye(2), torch.tensor([1, 1, 0]), torch.ones(3, 1))
+        >>> ctx.rows()
+        tensor([[0., 1., 1.],
+                [0., 1., 1.],
+                [1., 0., 1.]])
     """
 
     features: torch.Tensor
     index: torch.Tensor
+    inputs: torch.Tensor | None = None
 
     def rows(self) -> torch.Tensor:
-        r"""The features of each row's chart, :math:`(B, c)`: for conditional transforms that
-        do not know charts (any Pyro ``ConditionalTransform``)."""
-        return self.features.index_select(0, self.index)
+        r"""The context of each row, :math:`(B, f + e)`: for conditional transforms that do
+        not know charts (any Pyro ``ConditionalTransform``)."""
+        rows = self.features.index_select(0, self.index)
+        return rows if self.inputs is None else torch.cat([rows, self.inputs], -1)
+
+    @property
+    def per_chart(self) -> bool:
+        """Whether the context depends on the chart only (no per-row inputs)."""
+        return self.inputs is None
+
+    def chart_only(self) -> ChartContext:
+        """The same context without the per-row inputs."""
+        return self if self.inputs is None else ChartContext(self.features, self.index)
 
     def __len__(self) -> int:
         return self.index.shape[0]
@@ -258,11 +282,14 @@ class Conditional(ConditionalTransformModule):
 
     def raw_parameters(self, context) -> dict[str, torch.Tensor]:
         """The layer's raw parameters for ``context``, split by name: one row per context row,
-        or per chart under a :class:`ChartContext`."""
+        or per chart under a :class:`ChartContext` (per row when the context has per-row
+        ``inputs`` and the source is a hypernet; a table is per chart and ignores them)."""
         if isinstance(self.source, ChartTable):
             flat = self.source() if isinstance(context, ChartContext) else self.source(context)
+        elif isinstance(context, ChartContext):
+            flat = self.source(context.features if context.per_chart else context.rows())
         else:
-            flat = self.source(context.features if isinstance(context, ChartContext) else context)
+            flat = self.source(context)
         parts = flat.split(self.sizes, -1)
         return {
             name: part.reshape(part.shape[:-1] + shape)
@@ -270,7 +297,11 @@ class Conditional(ConditionalTransformModule):
         }
 
     def condition(self, context):
-        index = context.index if isinstance(context, ChartContext) else None
+        index = None
+        if isinstance(context, ChartContext) and (
+            context.per_chart or isinstance(self.source, ChartTable)
+        ):
+            index = context.index
         params = self.raw_parameters(context)
         return self.layer.from_parameters(*self.args, params, index=index, **self.options)
 
@@ -321,8 +352,8 @@ class ChartDenseNN(ConditionalDenseNN):
     r"""Pyro's ``ConditionalDenseNN`` (an MLP of ``[context, x]``) that, under a
     :class:`ChartContext`, computes the context part of its first layer once per chart,
     :math:`W_c v_k + b` (:math:`K` rows), and gathers it for the rows: per row it only runs
-    :math:`W_x x` and the layers after the first. Same parameters, same values as the plain
-    network on ``context.rows()``."""
+    :math:`W_x x` (plus :math:`W_e e` for per-row inputs :math:`e`) and the layers after the
+    first. Same parameters, same values as the plain network on ``context.rows()``."""
 
     chart_aware = True  # takes a ChartContext
 
@@ -331,8 +362,17 @@ class ChartDenseNN(ConditionalDenseNN):
             return super().forward(x, context)
         first = self.layers[0]
         c = self.context_dim
-        per_chart = nn.functional.linear(context.features, first.weight[:, :c], first.bias)
+        f = context.features.shape[-1]
+        e = 0 if context.inputs is None else context.inputs.shape[-1]
+        if f + e != c:
+            raise ValueError(
+                f"ChartDenseNN: the network takes a context of {c} features, the chart context "
+                f"gives {f} chart features and {e} inputs"
+            )
+        per_chart = nn.functional.linear(context.features, first.weight[:, :f], first.bias)
         rows = per_chart.index_select(0, context.index)
+        if e:
+            rows = torch.addmm(rows, context.inputs, first.weight[:, f:c].mT)
         if x.dim() == 2:  # the chart part enters the product as its added term
             h = torch.addmm(rows, x, first.weight[:, c:].mT)
         else:
@@ -358,7 +398,7 @@ class ChartSpline(ConditionalTransformModule):
     r"""Conditional elementwise rational-quadratic spline
     (:class:`~atlasdist.transforms.RationalQuadraticSpline`) whose knots are an MLP of the
     context: under a :class:`ChartContext` they are computed once per chart and looked up by
-    chart index.
+    chart index (per row when the context has per-row inputs).
 
     Arguments:
         features: :math:`d`.
@@ -408,6 +448,8 @@ class ChartSpline(ConditionalTransformModule):
 
     def condition(self, context):
         if isinstance(context, ChartContext):
+            if not context.per_chart:  # knots depend on each row's inputs
+                return RationalQuadraticSpline(*self.knots(context.rows()), bound=self.bound)
             knots = self.knots(context.features)
             return RationalQuadraticSpline(*knots, bound=self.bound, index=context.index)
         return RationalQuadraticSpline(*self.knots(context), bound=self.bound)

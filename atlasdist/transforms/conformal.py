@@ -48,6 +48,7 @@ __all__ = [
     "householder_reflectors",
     "compact_wy",
     "reflect_to",
+    "householder_to",
 ]
 
 
@@ -86,12 +87,8 @@ def _rows(value: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     return value if index is None else value.index_select(0, index)
 
 
-def householder_reflectors(raw: torch.Tensor, rows: int, cols: int):
-    r"""The reflector matrix :math:`V` (unit lower trapezoidal, strictly lower part ``raw``)
-    and the factors :math:`\tau_j = 2/|v_j|^2` of :func:`householder_stiefel`: shapes
-    :math:`(*, n, k)` and :math:`(*, k)`. Below row :math:`k` the rows of :math:`V` are the
-    last :math:`(n-k)k` raw entries in row-major order, so only the top :math:`k \times k`
-    block is scattered."""
+def _reflector_matrix(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    # V of householder_reflectors without its factors.
     top_count = cols * (cols - 1) // 2
     batch = raw.shape[:-1]
     rows_idx, cols_idx = torch.tril_indices(cols, cols, offset=-1, device=raw.device)
@@ -101,7 +98,16 @@ def householder_reflectors(raw: torch.Tensor, rows: int, cols: int):
     where = torch.cat([rows_idx * cols + cols_idx, diagonal])
     top = flat_top.new_zeros(flat_top.shape[0], cols * cols).index_copy(1, where, entries)
     bottom = raw[..., top_count:].reshape(batch + (rows - cols, cols))
-    v = torch.cat([top.reshape(batch + (cols, cols)), bottom], -2)
+    return torch.cat([top.reshape(batch + (cols, cols)), bottom], -2)
+
+
+def householder_reflectors(raw: torch.Tensor, rows: int, cols: int):
+    r"""The reflector matrix :math:`V` (unit lower trapezoidal, strictly lower part ``raw``)
+    and the factors :math:`\tau_j = 2/|v_j|^2` of :func:`householder_stiefel`: shapes
+    :math:`(*, n, k)` and :math:`(*, k)`. Below row :math:`k` the rows of :math:`V` are the
+    last :math:`(n-k)k` raw entries in row-major order, so only the top :math:`k \times k`
+    block is scattered."""
+    v = _reflector_matrix(raw, rows, cols)
     return v, 2 / v.pow(2).sum(-2)
 
 
@@ -126,7 +132,7 @@ def compact_wy(raw: torch.Tensor, rows: int, cols: int):
     triangle of :math:`V^\top V` with its diagonal halved (:math:`\tau_j = 2/|v_j|^2`; Puglisi
     1992), :math:`(*, k, k)`. Cost: one Gram matrix, :math:`O(n k^2)`, as a batched product.
     """
-    v, _ = householder_reflectors(raw, rows, cols)
+    v = _reflector_matrix(raw, rows, cols)  # the factors are the Gram matrix's diagonal
     gram = v.mT @ v
     tinv = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
     return v, tinv
@@ -376,7 +382,8 @@ class Similarity(StiefelEmbedding):
     Arguments:
         in_features: :math:`d`.
         out_features: :math:`D`.
-        weight, index, reflectors: the frame, as in :class:`StiefelEmbedding`.
+        weight, index, reflectors: the frame, as in :class:`StiefelEmbedding` (positional
+            after ``out_features``, or keywords).
         log_scale: :math:`s`, shape :math:`(*B,)` (per chart with ``index``); learnable
             (init 0) when omitted.
         shift: :math:`o`, shape :math:`(*B, D)` (per chart with ``index``); learnable (init 0)
@@ -393,13 +400,13 @@ class Similarity(StiefelEmbedding):
         self,
         in_features: int,
         out_features: int,
-        weight: torch.Tensor | None = None,
-        index: torch.Tensor | None = None,
-        reflectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *frame,
         log_scale: torch.Tensor | None = None,
         shift: torch.Tensor | None = None,
+        **frame_options,
     ):
-        super().__init__(in_features, out_features, weight, index, reflectors)
+        # The frame's arguments (weight, index, reflectors) are StiefelEmbedding's.
+        super().__init__(in_features, out_features, *frame, **frame_options)
         if log_scale is None:
             self.log_scale = nn.Parameter(torch.tensor(0.0))
         else:

@@ -67,7 +67,7 @@ class RationalQuadraticSpline(InjectiveTransform):
     once per chart. Without ``index`` the rows of the tables meet the rows of the input
     (:math:`R = B`, or :math:`R = 1` for all).
 
-    Cost: a binary search over :math:`S + 1` knots and a few gathers per coordinate.
+    Cost: :math:`S - 1` comparisons and a few gathers per coordinate.
     """
 
     sign = +1
@@ -126,9 +126,11 @@ class RationalQuadraticSpline(InjectiveTransform):
         bins = knots_in.shape[-1] - 1
         inside = flat.abs() < self.bound
         clamped = flat.clamp(-self.bound, self.bound)
-        search = knots_in.index_select(0, row)
-        k = torch.searchsorted(search, clamped.unsqueeze(-1)).squeeze(-1) - 1
-        k = k.clamp(0, bins - 1)
+        # The bin: how many inner knots lie below x, summed over the S - 1 knot planes (each
+        # gathered per row as a contiguous (rows, d) plane; much faster than a search).
+        planes = knots_in[..., 1:-1].permute(2, 0, 1).index_select(1, row)
+        count = torch.uint8 if bins <= 255 else torch.int64  # small sums: no int64 pass
+        k = (clamped.unsqueeze(0) > planes).to(count).sum(0, dtype=count).long()
         first = (row * (features * bins)).unsqueeze(-1)
         at = first + torch.arange(0, features * bins, bins, device=x.device) + k
         x0, y0, w, h, slope, d0, d1, c = self._bins().to(x.dtype).index_select(1, at.reshape(-1))
