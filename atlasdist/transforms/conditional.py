@@ -377,8 +377,12 @@ class ChartDenseNN(ConditionalDenseNN):
             h = torch.addmm(rows, x, first.weight[:, c:].mT)
         else:
             h = nn.functional.linear(x, first.weight[:, c:]) + rows
+        # A ReLU in place: h is a fresh product that autograd does not keep (a linear layer
+        # saves its input, not its output), and a fresh (rows, hidden) allocation per layer is
+        # a measurable share of the time.
+        relu = type(self.f) is nn.ReLU
         for layer in self.layers[1:]:
-            h = layer(self.f(h))
+            h = layer(torch.relu_(h) if relu else self.f(h))
         if self.output_multiplier == 1 or self.count_params == 1:
             return h
         return tuple(h[..., s] for s in self.param_slices)

@@ -20,13 +20,6 @@ __all__ = ["indexed_matvec", "tiled", "tile_plan", "per_tile"]
 _MAX_TILE = 128
 
 
-def _tile_size(rows: int, charts: int) -> int:
-    # About rows / charts rows per tile (a power of two, 8 to _MAX_TILE): the padding is at
-    # most one partial tile per chart present.
-    per_chart = max(1, rows // max(1, charts))
-    return max(8, min(_MAX_TILE, 1 << (per_chart - 1).bit_length()))
-
-
 class _TilePlan:
     """Where each row goes among the tiles, and the chart of each tile: computed once for an
     index and reused by every product with it (a chart's embedding and its left inverse).
@@ -50,9 +43,19 @@ class _TilePlan:
             index = index.repeat(total // rows)
         counts = torch.bincount(index, minlength=charts)
         largest = int(counts.max()) if total else 0
-        tile = _tile_size(total, charts)
+        # The tile size of least cost (rows copied into tiles plus matrices gathered per tile)
+        # among powers of two, one count per size.
+        sizes = [1 << p for p in range(3, _MAX_TILE.bit_length())]
+        size_t = torch.tensor(sizes, device=counts.device)
+        tile_counts = torch.div(
+            counts.unsqueeze(0) + size_t.unsqueeze(1) - 1,
+            size_t.unsqueeze(1),
+            rounding_mode="floor",
+        ).sum(1)
+        costs = tile_counts * (size_t * row_elements + matrix_elements)
+        best = int(costs.argmin())
+        tile, tiled_cost = sizes[best], int(costs[best])
         tiles = torch.div(counts + tile - 1, tile, rounding_mode="floor")
-        tiled_cost = int(tiles.sum()) * (tile * row_elements + matrix_elements)
         direct = 0 < charts * largest * row_elements <= tiled_cost
         if direct:
             tile, tiles = largest, torch.ones_like(counts)
@@ -128,7 +131,7 @@ def tiled(
     flat = x.reshape(-1, x.shape[-1])
     if plan is None or plan.total != flat.shape[0] or plan.charts != charts:
         plan = tile_plan(index, charts, flat.shape[0], row_elements=flat.shape[-1])
-    padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put(
+    padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put_(
         (plan.row_tile, plan.slot), flat
     )
     out = fn(padded, plan.tile_chart)
