@@ -231,8 +231,14 @@ def run_rna(seed, cfg):
     nll, K = von_mises_mixture(train, val, test, components, 20 if cfg.quick else 200, seed)
     rows["product von Mises mixture (EM)"] = (nll, time.perf_counter() - start, f"K {K}")
     model = torus_atlas(7, cfg.layers, cfg.hidden, cfg.bins)
-    nll, seconds, history = fit_model(model, train, val, test, cfg, seed)
-    note = f"{len(history['loss'])} epochs, best {history.best_epoch + 1}, {history.stop_reason}"
+    start = time.perf_counter()
+    try:
+        nll, seconds, history = fit_model(model, train, val, test, cfg, seed)
+        note = f"{len(history['loss'])} epochs, best {history.best_epoch + 1}, "
+        note += history.stop_reason
+    except (FloatingPointError, ValueError) as error:  # a diverged fit is a result too
+        nll, seconds = math.nan, time.perf_counter() - start
+        note = f"diverged: {str(error).splitlines()[0][:80]}"
     rows["atlas (1 product chart of 7 circles)"] = (nll, seconds, note)
     return rows
 

@@ -296,3 +296,16 @@ def test_progress_is_a_bar_on_a_terminal(monkeypatch):
 def test_docstring_example_runs():
     result = doctest.testmod(mle, extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_fit_stops_on_a_non_finite_gradient_before_spoiling_the_parameters():
+    def loss_fn(model, batch):
+        p = next(model.parameters())
+        shift = (p - p.detach()).sum()
+        return shift.abs().sqrt() - model.flow().log_prob(batch).mean().detach()
+
+    atlas = A.circle(0, scale=0.1)
+    before = {k: v.clone() for k, v in atlas.state_dict().items()}
+    with pytest.raises(FloatingPointError, match="gradient norm is nan at epoch 1"):
+        fit(atlas, TRAIN, loss_fn=loss_fn, epochs=2, progress=False)
+    assert all(torch.equal(before[k], v) for k, v in atlas.state_dict().items())

@@ -312,7 +312,13 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
-                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                if not torch.isfinite(norm):
+                    # clipping an infinite norm would turn every parameter into NaN
+                    raise FloatingPointError(
+                        f"fit: the gradient norm is {norm.item()} at epoch {epoch + 1}; the "
+                        "parameters are left as they were before this step (try a smaller lr)"
+                    )
             optimizer.step()
             total += loss.item() * len(batch)
             count += len(batch)
