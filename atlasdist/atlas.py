@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from ._checks import check_features
+from ._checks import check_features, check_parameter
 from .charts import ChartMembership
 from .charts.specs import (
     ChartSpec,
@@ -159,6 +159,7 @@ class AtlasFlow(LazyDistribution):
             spec_centres = None if stack is None else stack.centres()
             centres = torch.randn(num_charts, D) if spec_centres is None else spec_centres.detach()
         centres = torch.as_tensor(centres)
+        check_parameter(centres, "centres", "AtlasFlow")
         if centres.dim() != 2 or centres.shape[0] != num_charts:
             raise ValueError(
                 f"centres must have shape ({num_charts}, c), got {tuple(centres.shape)}"
@@ -216,6 +217,10 @@ class AtlasFlow(LazyDistribution):
             ChartMembership(m=min(2, num_charts)) if membership is None else membership
         )
         self.logits = nn.Parameter(torch.zeros(num_charts))
+        if atol is not None:
+            check_parameter(atol, "atol", "AtlasFlow", nonnegative=True)
+        if noise_scale is not None:
+            check_parameter(noise_scale, "noise_scale", "AtlasFlow", positive=True)
         self.atol, self.noise_scale = atol, noise_scale
 
     @classmethod

@@ -484,7 +484,7 @@ def test_bad_input_raises():
         p.log_prob(torch.randn(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="NaN"):
         p.log_prob(torch.full((2, 3), math.nan, dtype=torch.float64))
-    with pytest.raises(ValueError, match="floating"):
+    with pytest.raises(TypeError, match=r"value has dtype torch.int64.*\.to\(torch.float64\)"):
         p.log_prob(torch.ones(2, 3, dtype=torch.long))
     with pytest.raises(TypeError):
         p.log_prob([[0.0, 0.0, 0.0]])

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._checks import check_parameter
 from ..transforms import (
     ChartContext,
     Conditional,
@@ -162,8 +163,9 @@ class SphereCharts(ConditionedCharts):
                 f"SphereCharts: need centres and poles of shape (K, {D}) and radii (K,), got "
                 f"{tuple(centres.shape)}, {tuple(poles.shape)}, {tuple(radii.shape)}"
             )
-        if not bool((radii > 0).all()):
-            raise ValueError(f"SphereCharts: radii must be > 0, got {radii.tolist()}")
+        check_parameter(centres, "centres", "SphereCharts")
+        check_parameter(radii, "radii", "SphereCharts", positive=True)
+        check_parameter(poles, "poles", "SphereCharts")
         north = torch.zeros(D, dtype=dtype)
         north[-1] = 1
         parts = ConditionalCompose(

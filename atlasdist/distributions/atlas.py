@@ -14,7 +14,14 @@ import torch
 from pyro.distributions.conditional import ConditionalTransform
 from torch.distributions import Categorical, Transform
 
-from .._checks import check_features, no_validation, validation_enabled
+from .._checks import (
+    check_batch,
+    check_features,
+    check_floating,
+    check_parameter,
+    no_validation,
+    validation_enabled,
+)
 from ..charts.specs import as_charts
 from ..geometry import batched_jacobian
 from ..transforms import ChartContext, condition
@@ -104,7 +111,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         inputs: per-batch-element features that condition the latent flows, shape
             :math:`(*B, e)`, or ``None``.
         atol: on-image tolerance (relative to :math:`1 + |x|`); default :math:`10^{-4}` in
-            float32 and :math:`10^{-8}` in float64.
+            float32 and :math:`10^{-6}` in float64 (loose enough for data normalized in float32
+            and cast to float64, like :func:`~atlasdist.manifolds.sphere_tolerance`).
         noise_scale: :math:`\sigma` of the thickened density, or ``None`` (exact density).
 
     Example:
@@ -150,8 +158,10 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             raise ValueError(
                 f"context must have shape ({num_charts}, c'), got {tuple(context.shape)}"
             )
-        if noise_scale is not None and not noise_scale > 0:
-            raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
+        if noise_scale is not None:
+            check_parameter(noise_scale, "noise_scale", "AtlasFlowDistribution", positive=True)
+        if atol is not None:
+            check_parameter(atol, "atol", "AtlasFlowDistribution", nonnegative=True)
         for i, part in enumerate(flows):
             if not isinstance(part, Transform | ConditionalTransform):
                 raise TypeError(f"flows[{i}] is not a (conditional) transform: {type(part)}")
@@ -237,6 +247,9 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         ``(x, k)`` of shapes ``sample_shape + batch_shape + (D,)`` and ``... + ()``."""
         shape = self._extended_shape(sample_shape)
         n = math.prod(shape[:-1])
+        if n == 0:  # an empty sample
+            x = self.logits.new_zeros(shape)
+            return x, torch.zeros(shape[:-1], dtype=torch.long, device=x.device)
         log_weights, inputs = self._conditioning(shape[:-1])
         if log_weights.dim() == 1:
             charts = Categorical(logits=log_weights).sample((n,))
@@ -265,12 +278,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
     # -- evaluation over (point, candidate chart) pairs ----------------------------------
 
     def _check_value(self, x: torch.Tensor) -> torch.Tensor:
+        check_floating(x, "AtlasFlowDistribution", "value", like=self.logits)
         check_features(x, self.ambient_dim, "AtlasFlowDistribution", "value")
-        if x.dtype != self.logits.dtype or x.device != self.logits.device:
-            raise ValueError(
-                f"AtlasFlowDistribution: value has dtype {x.dtype} on {x.device}, the atlas's "
-                f"parameters have dtype {self.logits.dtype} on {self.logits.device}"
-            )
         if validation_enabled() and not bool(torch.isfinite(x).all()):
             raise ValueError("AtlasFlowDistribution: value holds NaN or infinite entries")
         return x
@@ -291,6 +300,16 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         shape ``shape``, in one batched pass; returns per-pair tensors of shape (N, C, ...)."""
         charts, region = self.membership.candidates(x, self.centres)
         n, c = charts.shape
+        if n == 0:  # an empty batch (Pyro's couplings cannot reshape zero rows)
+            return {
+                "charts": charts,
+                "region": region,
+                "z": x.new_zeros(0, c, self.latent_dim),
+                "recon": x.new_zeros(0, c, self.ambient_dim),
+                "error": x.new_zeros(0, c),
+                "log_joint": x.new_zeros(0, c),
+                "on_image": region,
+            }
         xs = x.unsqueeze(1).expand(n, c, self.ambient_dim).reshape(n * c, self.ambient_dim)
         log_weights, inputs = self._conditioning(shape)
         if inputs is not None:
@@ -333,7 +352,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
 
     def _flat(self, x: torch.Tensor):
         x = self._check_value(x)
-        shape = torch.broadcast_shapes(x.shape[:-1], self.batch_shape)
+        shape = check_batch(x.shape[:-1], self.batch_shape, "AtlasFlowDistribution")
         x = x.expand(shape + (self.ambient_dim,))
         return x.reshape(-1, self.ambient_dim), shape
 
@@ -342,6 +361,11 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         log_joint = pairs["log_joint"].masked_fill(~pairs["on_image"], -math.inf)
         lp = log_joint.logsumexp(-1)
         if raise_off_support:
+            if bool(torch.isnan(lp).any()):
+                raise ValueError(
+                    "AtlasFlowDistribution: log_prob is NaN; the model's parameters (mixture "
+                    "logits, flows or charts) hold NaN or infinite entries"
+                )
             off = ~pairs["on_image"].any(-1)
             if bool(off.any()):
                 dist = (

@@ -12,7 +12,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import Distribution, Transform
 
-from .._checks import check_features
+from .._checks import check_batch, check_features, check_floating
 from ..lazy import LazyDistribution
 from ..transforms.conditional import Conditional, condition
 
@@ -45,9 +45,29 @@ def _check_features(name: str, i: int, t, n: int) -> None:
         )
 
 
-def check_value(name: str, value: torch.Tensor, n: int) -> None:
-    """Raises ValueError unless ``value`` is a finite tensor of shape ``(*, n)``."""
+def model_tensor(dist) -> torch.Tensor | None:
+    """A tensor with the dtype and device a distribution computes in: one of its (or its
+    base's) floating-point tensors, or an empty one of its ``dtype``/``device``."""
+    for obj in (dist, getattr(dist, "base_dist", None), getattr(dist, "transforms", None)):
+        for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+        if isinstance(getattr(obj, "dtype", None), torch.dtype):
+            return torch.empty(0, dtype=obj.dtype, device=getattr(obj, "device", None))
+    for t in getattr(dist, "transforms", ()):
+        for p in t.parameters() if hasattr(t, "parameters") else ():
+            return p
+    return None
+
+
+def check_value(name: str, value: torch.Tensor, n: int, dist=None) -> None:
+    """Raises unless ``value`` is a finite float tensor of shape ``(*, n)`` with the dtype and
+    device of the distribution ``dist``'s parameters and batch dimensions that broadcast with
+    its batch shape."""
+    check_floating(value, name, "value", None if dist is None else model_tensor(dist))
     check_features(value, n, name, "value")
+    if dist is not None:
+        check_batch(value.shape[:-1], dist.batch_shape, name)
     if not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name}: value holds non-finite (NaN or inf) entries")
 

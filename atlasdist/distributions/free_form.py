@@ -22,7 +22,13 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from .._checks import check_features, no_validation, validation_enabled
+from .._checks import (
+    check_batch,
+    check_features,
+    check_finite,
+    check_floating,
+    no_validation,
+)
 from ..geometry import jacobian
 from ..lazy import LazyDistribution
 from ..transforms.injective import InjectiveTransform
@@ -76,13 +82,19 @@ def decoder_log_volume(decoder, z: torch.Tensor, chunk_size: int | None = 4096) 
     return r.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)
 
 
-def _module_dtype(*modules) -> torch.dtype | None:
+def _module_tensor(*modules) -> torch.Tensor | None:
+    # A floating parameter or buffer: the dtype and device the modules compute in.
     for module in modules:
         if isinstance(module, nn.Module):
             for tensor in list(module.parameters()) + list(module.buffers()):
                 if tensor.is_floating_point():
-                    return tensor.dtype
+                    return tensor
     return None
+
+
+def _module_dtype(*modules) -> torch.dtype | None:
+    tensor = _module_tensor(*modules)
+    return None if tensor is None else tensor.dtype
 
 
 class FreeFormInjectiveDistribution(EmbeddedDistribution):
@@ -123,7 +135,7 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
         encoder: :math:`f`, pointwise :math:`(*, D) \to (*, d)`.
         decoder: :math:`g`, pointwise :math:`(*, d) \to (*, D)`.
         features: :math:`D > d`.
-        atol: on-image tolerance (relative to :math:`1 + |x|`); default :math:`10^{-8}` in
+        atol: on-image tolerance (relative to :math:`1 + |x|`); default :math:`10^{-6}` in
             float64 and :math:`10^{-4}` in float32.
         noise_scale: :math:`\sigma` of the thickened density, or ``None`` (exact density).
         chunk_size: points per vectorized Jacobian chunk.
@@ -168,7 +180,7 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
         self.base, self.encoder, self.decoder = base, encoder, decoder
         self.latent_dim, self.ambient_dim = d, int(features)
         self.atol, self.noise_scale, self.chunk_size = atol, noise_scale, chunk_size
-        self._dtype = _module_dtype(decoder, encoder)
+        self._like = _module_tensor(decoder, encoder)
         super().__init__(
             batch_shape=torch.Size(batch_shape),
             event_shape=torch.Size([self.ambient_dim]),
@@ -231,18 +243,10 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
 
     def _flat(self, value: torch.Tensor):
         name = "FreeFormInjectiveDistribution"
+        check_floating(value, name, "value", self._like)
         check_features(value, self.ambient_dim, name, "value")
-        if not value.is_floating_point():
-            raise ValueError(f"{name}: value must be a floating tensor, got {value.dtype}")
-        if self._dtype is not None and value.dtype != self._dtype:
-            raise ValueError(
-                f"{name}: value has dtype {value.dtype}, the encoder/decoder parameters have "
-                f"dtype {self._dtype}"
-            )
-        if validation_enabled() and not bool(torch.isfinite(value).all()):
-            bad = int((~torch.isfinite(value)).sum())
-            raise ValueError(f"{name}: value holds {bad} NaN or infinite entries")
-        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        check_finite(value, name, "value")
+        shape = check_batch(value.shape[:-1], self.batch_shape, name)
         value = value.expand(shape + (self.ambient_dim,))
         return value.reshape(-1, self.ambient_dim), shape
 

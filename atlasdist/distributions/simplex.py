@@ -107,7 +107,7 @@ class SimplexFlowDistribution(ChainDistribution):
         n = self.event_shape[0]
         if self._validate_args:
             name = type(self).__name__
-            check_value(name, value, n)
+            check_value(name, value, n, self)
             check_on_simplex(value, name, "value", open_=False, enabled=True)
         x, log_prob = self.pull_back(value)
         return log_prob + self.base_dist.log_prob(x) - self._log_factor

@@ -27,7 +27,7 @@ __all__ = ["UniformSphere", "SphereFlowDistribution", "SphereFlow"]
 
 def _check_value(dist: Distribution, value: torch.Tensor, n: int) -> None:
     name = type(dist).__name__
-    check_value(name, value, n)
+    check_value(name, value, n, dist)
     check_on_sphere(value, name, "value", enabled=True)
 
 

@@ -101,6 +101,22 @@ def _reflector_matrix(raw: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     return torch.cat([top.reshape(batch + (cols, cols)), bottom], -2)
 
 
+def _check_orthonormal(weight: torch.Tensor, name: str) -> None:
+    w = torch.as_tensor(weight).detach()
+    if not w.is_floating_point():
+        raise TypeError(f"{name}: weight must be a float tensor, got {w.dtype}")
+    gram = w.mT @ w
+    eye = torch.eye(w.shape[-1], dtype=w.dtype, device=w.device)
+    tol = max(1e-6, 1000 * torch.finfo(w.dtype).eps)
+    error = (gram - eye).abs().amax() if w.numel() else w.new_zeros(())
+    if not bool(error <= tol):  # NaN fails too
+        raise ValueError(
+            f"{name}: weight must have orthonormal columns (W^T W = I), but |W^T W - I| = "
+            f"{float(error):.3g} > {tol:.3g}; orthonormalize it (torch.linalg.qr(weight).Q) or "
+            "give a Householder parameter (householder_stiefel)"
+        )
+
+
 def householder_reflectors(raw: torch.Tensor, rows: int, cols: int):
     r"""The reflector matrix :math:`V` (unit lower trapezoidal, strictly lower part ``raw``)
     and the factors :math:`\tau_j = 2/|v_j|^2` of :func:`householder_stiefel`: shapes
@@ -205,11 +221,14 @@ class StiefelEmbedding(InjectiveTransform):
     Arguments:
         in_features: :math:`d`.
         out_features: :math:`D`.
-        weight: optional fixed :math:`W` of shape :math:`(*B, D, d)` with orthonormal columns;
-            learnable when omitted.
+        weight: optional fixed :math:`W` of shape :math:`(*B, D, d)` with orthonormal columns
+            (checked: :math:`|W^\top W - I| \le \max(10^{-6}, 1000\varepsilon)`, else a
+            ``ValueError``); learnable when omitted.
         index: optional chart of each input row, shape :math:`(B,)`, with ``reflectors``.
         reflectors: with ``index``, the per-chart compact WY form :func:`compact_wy`
             (:math:`V`, :math:`T^{-1}`), shapes :math:`(K, D, d)` and :math:`(K, d, d)`.
+        orthonormal: the caller vouches that ``weight`` has orthonormal columns (e.g. it comes
+            from :func:`householder_stiefel`), so the check is skipped.
 
     Example:
         >>> f = StiefelEmbedding(2, 5)
@@ -226,6 +245,7 @@ class StiefelEmbedding(InjectiveTransform):
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
         reflectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        orthonormal: bool = False,
     ):
         super().__init__(in_features, out_features)
         self.index, self._tiles, self.reflectors = index, None, None
@@ -250,6 +270,8 @@ class StiefelEmbedding(InjectiveTransform):
                 f"{self.name}: weight must have shape (*, {self.out_features}, "
                 f"{self.in_features}), got {tuple(weight.shape)}"
             )
+        if not orthonormal:
+            _check_orthonormal(weight, self.name)
         store(self, "_weight", weight)
 
     @staticmethod
@@ -265,7 +287,7 @@ class StiefelEmbedding(InjectiveTransform):
     def from_parameters(cls, in_features, out_features, params, index=None):
         if index is None:
             weight = householder_stiefel(params["raw"], out_features, in_features)
-            return cls(in_features, out_features, weight=weight)
+            return cls(in_features, out_features, weight=weight, orthonormal=True)
         reflectors = compact_wy(params["raw"], out_features, in_features)
         return cls(in_features, out_features, index=index, reflectors=reflectors)
 
@@ -352,8 +374,16 @@ class Orthogonal(StiefelEmbedding):
         weight: torch.Tensor | None = None,
         index: torch.Tensor | None = None,
         reflectors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        orthonormal: bool = False,
     ):
-        super().__init__(features, features, weight=weight, index=index, reflectors=reflectors)
+        super().__init__(
+            features,
+            features,
+            weight=weight,
+            index=index,
+            reflectors=reflectors,
+            orthonormal=orthonormal,
+        )
 
     @staticmethod
     def parameter_shapes(features: int) -> dict:
@@ -362,7 +392,8 @@ class Orthogonal(StiefelEmbedding):
     @classmethod
     def from_parameters(cls, features, params, index=None):
         if index is None:
-            return cls(features, weight=householder_stiefel(params["raw"], features, features))
+            weight = householder_stiefel(params["raw"], features, features)
+            return cls(features, weight=weight, orthonormal=True)
         return cls(features, index=index, reflectors=compact_wy(params["raw"], features, features))
 
     def extra_repr(self) -> str:
@@ -427,7 +458,14 @@ class Similarity(StiefelEmbedding):
         log_scale, shift = params["log_scale"][..., 0], params["shift"]
         if index is None:
             weight = householder_stiefel(params["raw"], out_features, in_features)
-            return cls(in_features, out_features, weight, log_scale=log_scale, shift=shift)
+            return cls(
+                in_features,
+                out_features,
+                weight,
+                log_scale=log_scale,
+                shift=shift,
+                orthonormal=True,
+            )
         return cls(
             in_features,
             out_features,

@@ -12,7 +12,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from .._checks import check_features, check_finite
+from .._checks import check_features, check_finite, check_floating
 
 __all__ = [
     "EventTransform",
@@ -57,11 +57,13 @@ class EventTransform(TransformModule):
         return tuple(shape[:-1]) + (self.in_features,)
 
     def __call__(self, x):
+        check_floating(x, self.name, "input")
         check_features(x, self.in_features, self.name)
         check_finite(x, self.name)
         return super().__call__(x)
 
     def _inv_call(self, y):
+        check_floating(y, self.name + ".inv", "input")
         check_features(y, self.out_features, self.name + ".inv")
         check_finite(y, self.name + ".inv")
         return super()._inv_call(y)
