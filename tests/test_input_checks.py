@@ -17,9 +17,15 @@ import torch
 from _atlases import circle, sphere
 from _cases import CASES, build
 from _manifold_checks import SIMPLEX, SPHERE
+from torch import nn
 
 from atlasdist import AtlasFlow, SphereCharts
-from atlasdist.distributions import SimplexFlow, SphereFlow, UniformSphere
+from atlasdist.distributions import (
+    FreeFormInjectiveFlow,
+    SimplexFlow,
+    SphereFlow,
+    UniformSphere,
+)
 from atlasdist.transforms import Orthogonal, Similarity, StiefelEmbedding
 from atlasdist.transforms.simplex import GeneralizedCalibration
 from atlasdist.transforms.sphere import NormalizedAffine
@@ -32,26 +38,45 @@ def _unit(n, size, seed):
     return x / x.norm(dim=-1, keepdim=True)
 
 
-# name -> (distribution in float64, points on its support (N, n), whether its support is a
-# manifold that validation checks)
+def _free_form():
+    torch.manual_seed(0)
+    encoder = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    decoder = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 3))
+    d = FreeFormInjectiveFlow(encoder, decoder, noise_scale=0.1).double()()
+    return d, d.sample((6,))
+
+
+# name -> (distribution in float64, points on its support (N, n)) and the kind of support:
+# "sphere", "simplex" (checked under validation, float32-normalized points accepted) or
+# "ambient" (a thickened density on R^n: no support check).
 DISTRIBUTIONS = {
-    "AtlasFlow(circle)": lambda: (circle(0)(), _unit(2, 6, 0)),
-    "AtlasFlow(sphere)": lambda: (sphere(0)(), _unit(3, 6, 1)),
-    "SphereFlow": lambda: (
-        SphereFlow(3, [NormalizedAffine(3)], "projected_normal").double()(),
-        _unit(3, 6, 2),
+    "AtlasFlow(circle)": (lambda: (circle(0)(), _unit(2, 6, 0)), "sphere"),
+    "AtlasFlow(sphere)": (lambda: (sphere(0)(), _unit(3, 6, 1)), "sphere"),
+    "SphereFlow": (
+        lambda: (
+            SphereFlow(3, [NormalizedAffine(3)], "projected_normal").double()(),
+            _unit(3, 6, 2),
+        ),
+        "sphere",
     ),
-    "UniformSphere": lambda: (UniformSphere(3, dtype=F64), _unit(3, 6, 3)),
-    "SimplexFlow": lambda: (
-        SimplexFlow(3, [GeneralizedCalibration(3)]).double()(),
-        SIMPLEX.points(3, (6,), 0),
+    "UniformSphere": (lambda: (UniformSphere(3, dtype=F64), _unit(3, 6, 3)), "sphere"),
+    "SimplexFlow": (
+        lambda: (
+            SimplexFlow(3, [GeneralizedCalibration(3)]).double()(),
+            SIMPLEX.points(3, (6,), 0),
+        ),
+        "simplex",
     ),
+    "FreeFormInjectiveFlow(noise)": (_free_form, "ambient"),
 }
 distributions = pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
+on_manifolds = pytest.mark.parametrize(
+    "name", sorted(k for k, v in DISTRIBUTIONS.items() if v[1] != "ambient")
+)
 
 
 def make(name):
-    d, x = DISTRIBUTIONS[name]()
+    d, x = DISTRIBUTIONS[name][0]()
     assert x.dtype == F64 and bool(torch.isfinite(d.log_prob(x)).all())
     return d, x
 
@@ -117,18 +142,18 @@ def test_nan_values_are_refused(name):
         d.log_prob(x)
 
 
-@distributions
+@on_manifolds
 def test_points_off_the_support_are_refused_with_their_distance(name):
     d, x = make(name)
     with pytest.raises(ValueError, match=r"off|not on|support|sphere|simplex"):
         d.log_prob(1.5 * x + 0.1)
 
 
-@distributions
+@on_manifolds
 def test_float32_normalized_points_cast_to_float64_are_on_the_support(name):
     d, x = make(name)
     x32 = x.float()
-    if name == "SimplexFlow":
+    if DISTRIBUTIONS[name][1] == "simplex":
         x32 = x32 / x32.sum(-1, keepdim=True)
     else:
         x32 = x32 / x32.norm(dim=-1, keepdim=True)

@@ -222,6 +222,8 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
         shape ``sample_shape + batch_shape + (D,)``, pathwise in the decoder's parameters."""
         shape = self._extended_shape(sample_shape)
         n = math.prod(shape[:-1])
+        if n == 0:
+            return self.base.rsample((1,)).new_zeros(shape)
         z = self.base.rsample((n,))
         x = self.decode(z)
         if self.noise_scale is not None:
@@ -251,6 +253,9 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
         return value.reshape(-1, self.ambient_dim), shape
 
     def _evaluate(self, flat: torch.Tensor):
+        if flat.shape[0] == 0:  # an empty batch: nothing to differentiate
+            empty = flat.new_zeros(0)
+            return flat.new_zeros(0, self.latent_dim), flat, empty, empty
         with no_validation():
             z = self.encode(flat)
             recon = self.decode(z)
