@@ -293,7 +293,8 @@ def table(results, cfg, wall):
     earth = [s for s in EARTH if s in results]
     lines = [
         "Test NLL in nats (lower is better), mean ± std over seeds "
-        f"{', '.join(map(str, cfg.seeds))}; split: `datasets.split` (80 / 10 / 10).",
+        f"{', '.join(map(str, cfg.seeds))}; split: `datasets.split` (80 / 10 / 10). Bold: "
+        "the best of this run's rows.",
         "",
         f"Command: `python benchmarks/earth.py {cfg.argv}`",
         f"Settings: at most {cfg.epochs} epochs and {cfg.time_limit} s per model fit, batch "
@@ -307,11 +308,17 @@ def table(results, cfg, wall):
             row = [f"{values[EARTH.index(s)]:.2f}" for s in earth]
             lines.append(f"| {label} (published) | " + " | ".join(row) + " |")
         labels = list(next(iter(results[earth[0]].values())))
+        means = {
+            (label, s): statistics.mean(r[label][0] for r in results[s].values())
+            for label in labels
+            for s in earth
+        }
         for label in labels:
             row = []
             for s in earth:
                 nll = [r[label][0] for r in results[s].values()]
-                row.append(f"**{summary(nll)}**" if "atlas" in label else summary(nll))
+                best = means[label, s] == min(means[other, s] for other in labels)
+                row.append(f"**{summary(nll)}**" if best else summary(nll))  # best of this run
             lines.append(f"| {label} (this run) | " + " | ".join(row) + " |")
         lines += ["", "Seconds per fit (mean) and notes (first seed):", ""]
         for s in earth:
