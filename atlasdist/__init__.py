@@ -5,6 +5,7 @@ from . import (
     datasets,
     distributions,
     geometry,
+    infer,
     intrinsic_dimension,
     manifolds,
     training,
@@ -32,6 +33,7 @@ from .distributions import (
     UniformSphere,
 )
 from .geometry import log_volume_ratio, manifold_log_volume_ratio, tangent_frame
+from .infer import ManifoldGuide, ManifoldReparam
 from .intrinsic_dimension import IntrinsicDimension, estimate_intrinsic_dimension
 from .lazy import LazyDistribution
 
@@ -59,6 +61,9 @@ __all__ = [
     "PlaneCharts",
     "LearnedCharts",
     "SharedChart",
+    # Pyro latent variables on manifolds
+    "ManifoldReparam",
+    "ManifoldGuide",
     # intrinsic dimension and geometry
     "estimate_intrinsic_dimension",
     "IntrinsicDimension",
@@ -71,6 +76,7 @@ __all__ = [
     "datasets",
     "distributions",
     "geometry",
+    "infer",
     "manifolds",
     "training",
     "transforms",

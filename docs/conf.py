@@ -65,6 +65,7 @@ _DOCUMENTED_MODULES = (
     "atlasdist.training",
     "atlasdist.distributions",
     "atlasdist.manifolds",
+    "atlasdist.infer",
 )
 
 
