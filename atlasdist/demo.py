@@ -175,29 +175,60 @@ def _circles_part(n, epochs, seed, charts=6):
     return atlas, test, history
 
 
-def _plot(sphere_atlas, sphere_test, circles_atlas, circles_test, path):
+def _chart_legend(ax, charts, cmap, vmin, vmax, **kwargs):
+    """Legend with one coloured marker per chart index present in ``charts``."""
+    import matplotlib
+    from matplotlib.lines import Line2D
+
+    colours = matplotlib.colormaps[cmap]
+    norm = matplotlib.colors.Normalize(vmin=vmin, vmax=vmax)
+    handles = [
+        Line2D([], [], ls="", marker="o", ms=5, color=colours(norm(k)), label=f"chart {k}")
+        for k in sorted({int(k) for k in charts.tolist()})
+    ]
+    return ax.legend(handles=handles, fontsize=8, **kwargs)
+
+
+def _figure(sphere_atlas, sphere_test, circles_atlas, circles_test):
+    """Build the three-panel demo figure (axis labels on every panel, chart legends)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    fig = plt.figure(figsize=(13, 4.2))
+    fig = plt.figure(figsize=(14, 4.6))
     with torch.no_grad():
         xs, ks = sphere_atlas.flow().rsample_with_charts((2000,))
         xc, kc = circles_atlas.flow().rsample_with_charts((2000,))
     ax = fig.add_subplot(1, 3, 1, projection="3d")
     ax.scatter(*sphere_test[:1000].T, s=2, c="grey")
     ax.set_title("S^2: held-out data")
+    ax.set_xlabel("x"), ax.set_ylabel("y"), ax.set_zlabel("z")
     ax = fig.add_subplot(1, 3, 2, projection="3d")
-    ax.scatter(*xs.T, s=2, c=ks, cmap="coolwarm")
+    k_max = max(int(ks.max()), 1)
+    ax.scatter(*xs.T, s=2, c=ks, cmap="coolwarm", vmin=0, vmax=k_max)
     ax.set_title("S^2: samples coloured by chart")
+    ax.set_xlabel("x"), ax.set_ylabel("y"), ax.set_zlabel("z")
+    _chart_legend(ax, ks, "coolwarm", 0, k_max, loc="upper left", title="samples")
     ax = fig.add_subplot(1, 3, 3)
-    ax.scatter(*circles_test.T, s=2, c="grey", label="held-out data")
-    ax.scatter(*xc.T, s=2, c=kc, cmap="tab10", vmin=0, vmax=9, label="samples (by chart)")
+    ax.scatter(*circles_test.T, s=2, c="grey")
+    ax.scatter(*xc.T, s=2, c=kc, cmap="tab10", vmin=0, vmax=9)
     ax.set_aspect("equal")
     ax.set_title("two circles: charts learned from the data")
-    ax.legend(loc="upper right", markerscale=4, fontsize=8)
+    ax.set_xlabel("x"), ax.set_ylabel("y")
+    legend = _chart_legend(ax, kc, "tab10", 0, 9, loc="upper right", title="samples")
+    ax.add_artist(legend)
+    data = Line2D([], [], ls="", marker="o", ms=5, color="grey", label="held-out data")
+    ax.legend(handles=[data], loc="lower right", fontsize=8)
     fig.tight_layout()
+    return fig
+
+
+def _plot(sphere_atlas, sphere_test, circles_atlas, circles_test, path):
+    import matplotlib.pyplot as plt
+
+    fig = _figure(sphere_atlas, sphere_test, circles_atlas, circles_test)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -101,13 +101,14 @@ def plot(results, test: torch.Tensor, path: Path) -> None:
         with torch.no_grad():
             z = model.encoder(test)[:, 0]
             curve = model.decoder(grid)
-        ax.scatter(test[:, 0], test[:, 1], c=z, s=3, cmap="viridis")
+        points = ax.scatter(test[:, 0], test[:, 1], c=z, s=3, cmap="viridis")
+        fig.colorbar(points, ax=ax, label="latent z = encoder(x)", fraction=0.05, pad=0.02)
         ax.plot(curve[:, 0], curve[:, 1], color="black", lw=1)
         ax.set_title(f"beta = {beta:g}")
         ax.set_xlim(-3.5, 3.5)
         ax.set_ylim(-2, 2)
-        ax.set_xticks([])
-        ax.set_yticks([])
+        ax.set_xlabel("$x_1$")
+        ax.set_ylabel("$x_2$")
     ax = axes[len(results)]
     for beta, _, metrics in results:
         ax.scatter(metrics["reconstruction"], metrics["nll"], color="C0", s=12)

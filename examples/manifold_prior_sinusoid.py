@@ -108,17 +108,20 @@ def main(argv=None):
 
     colour = x[:, 0]
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.2))
-    axes[0].scatter(x[:, 0], x[:, 1], c=colour, s=2, cmap="viridis")
+    points = axes[0].scatter(x[:, 0], x[:, 1], c=colour, s=2, cmap="viridis")
     axes[0].set_title(r"data $x_2 = \sin(2x_1)$")
     axes[1].scatter(z_standard[:, 0], z_standard[:, 1], c=colour, s=2, cmap="viridis")
     axes[1].set_title("standard normal prior: latent $f^{-1}(x)$")
     axes[2].scatter(u[:, 0], u[:, 1], c=colour, s=2, cmap="viridis")
     scales = ", ".join(f"{s:.3f}" for s in result.spectrum.tolist())
     axes[2].set_title(f"manifold prior: latent (scales {scales}, d = {result.dimension})")
-    for ax in axes:
+    labels = [("$x_1$", "$x_2$"), ("$z_1$", "$z_2$"), ("$u_1$ (largest scale)", "$u_2$")]
+    for ax, (xlabel, ylabel) in zip(axes, labels, strict=True):
         ax.set_aspect("equal", adjustable="datalim")
+        ax.set_xlabel(xlabel), ax.set_ylabel(ylabel)
     fig.tight_layout()
-    fig.savefig(args.out, dpi=120)
+    fig.colorbar(points, ax=axes, label="colour: data coordinate $x_1$", fraction=0.02, pad=0.01)
+    fig.savefig(args.out, dpi=120, bbox_inches="tight")
     print(f"learned prior scales: {scales}; intrinsic dimension {result.dimension}")
     print(f"wrote {args.out} in {time.perf_counter() - start:.0f} s")
     return result

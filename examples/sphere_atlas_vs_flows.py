@@ -103,12 +103,13 @@ def plot(test, densities, path):
     axes[0].set_title("held-out data")
     vmax = max(float(d.max()) for d in densities.values())
     for ax, (name, dens) in zip(axes[1:], densities.items(), strict=True):
-        ax.imshow(dens, origin="lower", extent=extent, aspect="auto", vmin=0, vmax=vmax)
+        image = ax.imshow(dens, origin="lower", extent=extent, aspect="auto", vmin=0, vmax=vmax)
         ax.set_title(name, fontsize=9)
     for ax in axes:
         ax.set_xlabel("longitude"), ax.set_ylabel("cos(colatitude)")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.colorbar(image, ax=axes, label="density (w.r.t. area)", fraction=0.02, pad=0.01)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
 
 

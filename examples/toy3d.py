@@ -169,9 +169,18 @@ def plot(results, path):
         ]
         for j, (title, pts, colour) in enumerate(panels):
             ax = fig.add_subplot(len(results), 3, 3 * i + j + 1, projection="3d")
-            kwargs = {"c": colour, "cmap": "tab20"} if colour is not None else {"c": "grey"}
-            ax.scatter(*pts[:2000].T, s=1.5, **kwargs)
+            kwargs = {"c": "grey"}
+            if colour is not None:  # one discrete colour per chart index
+                charts = int(colour.max()) + 1
+                cmap = matplotlib.colormaps["tab20"].resampled(charts)
+                kwargs = {"c": colour, "cmap": cmap, "vmin": -0.5, "vmax": charts - 0.5}
+            points = ax.scatter(*pts[:2000].T, s=1.5, **kwargs)
             ax.set_title(f"{name}: {title}", fontsize=9)
+            ax.set_xlabel("x"), ax.set_ylabel("y"), ax.set_zlabel("z")
+            if colour is not None:
+                bar = fig.colorbar(points, ax=ax, label="chart index", shrink=0.6, pad=0.1)
+                bar.locator = matplotlib.ticker.MaxNLocator(integer=True)
+                bar.update_ticks()
             lim = float(test.abs().max()) * 1.1
             ax.set_xlim(-lim, lim), ax.set_ylim(-lim, lim), ax.set_zlim(-lim, lim)
     fig.tight_layout()
