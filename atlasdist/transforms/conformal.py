@@ -67,10 +67,22 @@ def rmatvec(w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (w.mT @ y.unsqueeze(-1)).squeeze(-1)
 
 
-def store(module: nn.Module, name: str, value: torch.Tensor) -> None:
+def store(
+    module: nn.Module,
+    name: str,
+    value: torch.Tensor | None,
+    initial: torch.Tensor | None = None,
+    features: int | None = None,
+) -> None:
     """Keeps a given parameter tensor: as a buffer (moved by ``.to``, saved in ``state_dict``)
     when it is a constant, as a plain attribute when it carries a graph (a conditioned layer's
-    parameters, produced by a hypernetwork)."""
+    parameters, produced by a hypernetwork). Without a value, a learnable parameter starting at
+    ``initial``; a given value is checked to have shape ``(*, features)`` when asked."""
+    if value is None:
+        setattr(module, name, nn.Parameter(initial))
+        return
+    if features is not None:
+        check_features(value, features, type(module).__name__, name)
     if value.requires_grad:
         setattr(module, name, value)
     else:
@@ -438,15 +450,8 @@ class Similarity(StiefelEmbedding):
     ):
         # The frame's arguments (weight, index, reflectors) are StiefelEmbedding's.
         super().__init__(in_features, out_features, *frame, **frame_options)
-        if log_scale is None:
-            self.log_scale = nn.Parameter(torch.tensor(0.0))
-        else:
-            store(self, "log_scale", log_scale)
-        if shift is None:
-            self.shift = nn.Parameter(torch.zeros(self.out_features))
-        else:
-            check_features(shift, self.out_features, "Similarity", "shift")
-            store(self, "shift", shift)
+        store(self, "log_scale", log_scale, torch.tensor(0.0))
+        store(self, "shift", shift, torch.zeros(self.out_features), self.out_features)
 
     @staticmethod
     def parameter_shapes(in_features: int, out_features: int) -> dict:
@@ -503,12 +508,9 @@ class Scale(InjectiveTransform):
 
     def __init__(self, features: int, init: float = 1.0, log_scale: torch.Tensor | None = None):
         super().__init__(features, features)
-        if log_scale is None:
-            if not init > 0:
-                raise ValueError(f"Scale: init must be > 0, got {init}")
-            self.log_scale = nn.Parameter(torch.tensor(math.log(init)))
-        else:
-            store(self, "log_scale", log_scale)
+        if log_scale is None and not init > 0:
+            raise ValueError(f"Scale: init must be > 0, got {init}")
+        store(self, "log_scale", log_scale, torch.tensor(math.log(init) if init > 0 else 0.0))
 
     @staticmethod
     def parameter_shapes(features: int) -> dict:
@@ -544,11 +546,7 @@ class Shift(InjectiveTransform):
 
     def __init__(self, features: int, shift: torch.Tensor | None = None):
         super().__init__(features, features)
-        if shift is None:
-            self.shift = nn.Parameter(torch.zeros(features))
-        else:
-            check_features(shift, features, "Shift", "shift")
-            store(self, "shift", shift)
+        store(self, "shift", shift, torch.zeros(features), features)
 
     @staticmethod
     def parameter_shapes(features: int) -> dict:
@@ -607,11 +605,7 @@ class Mobius(InjectiveTransform):
         if radius is not None and not radius > 0:
             raise ValueError(f"Mobius: radius must be > 0, got {radius}")
         self.radius = None if radius is None else float(radius)
-        if raw is None:
-            self.raw = nn.Parameter(torch.zeros(features))
-        else:
-            check_features(raw, features, "Mobius", "raw parameter")
-            store(self, "raw", raw)
+        store(self, "raw", raw, torch.zeros(features), features)
 
     @staticmethod
     def parameter_shapes(features: int, radius: float | None = None) -> dict:
