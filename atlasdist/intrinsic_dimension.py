@@ -16,7 +16,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .distributions.manifold_prior import ManifoldPriorFlow, spread_negative_log_likelihood
+from .distributions.manifold_prior import (
+    ManifoldPriorFlow,
+    spread_negative_log_likelihood,
+    standardize,
+)
 from .training.mle import fit
 
 __all__ = ["IntrinsicDimension", "estimate_intrinsic_dimension"]
@@ -270,13 +274,7 @@ def estimate_intrinsic_dimension(
             f"estimate_intrinsic_dimension: x has {int((~torch.isfinite(x)).sum())} non-finite "
             "entries"
         )
-    data = x.detach().double()
-    centre = data.mean(0)
-    top = torch.linalg.eigvalsh(torch.atleast_2d(torch.cov(data.T)))[-1]
-    if not top > 0:
-        raise ValueError("estimate_intrinsic_dimension: the data have zero spread")
-    rho = float(top.sqrt())
-    z = (data - centre) / rho
+    data, centre, rho, z = standardize(x, "estimate_intrinsic_dimension")
     gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
     if seed is None:
         gen.seed()

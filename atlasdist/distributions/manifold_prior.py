@@ -245,6 +245,19 @@ def _default_splits(D: int) -> list[int]:
     return sorted({round(v) for v in torch.linspace(1, D - 1, 8).tolist()})
 
 
+def standardize(x: torch.Tensor, owner: str):
+    r"""``(data, centre, scale, z)``: the points in float64, their mean, the square root of the
+    top eigenvalue of their covariance and :math:`z = (x - \text{centre}) / \text{scale}`;
+    ``ValueError`` naming ``owner`` when the data have zero spread."""
+    data = x.detach().double()
+    centre = data.mean(0)
+    top = torch.linalg.eigvalsh(torch.atleast_2d(torch.cov(data.T)))[-1]
+    if not top > 0:
+        raise ValueError(f"{owner}: the data have zero spread")
+    scale = float(top.sqrt())
+    return data, centre, scale, (data - centre) / scale
+
+
 class ManifoldPriorFlow(LazyDistribution):
     r"""A full-dimensional flow :math:`p(x) = q(f(x))\,|\det J_f(x)|` on :math:`\mathbb{R}^D`
     with a learned :class:`ManifoldPrior` :math:`q`, over :math:`K \ge 1` charts: a lazy
@@ -417,13 +430,7 @@ class ManifoldPriorFlow(LazyDistribution):
                 f"ManifoldPriorFlow.from_data: need at least 2 points per chart, got N={N} "
                 f"for charts={charts}"
             )
-        data = x.detach().double()
-        centre = data.mean(0)
-        top = torch.linalg.eigvalsh(torch.atleast_2d(torch.cov(data.T)))[-1]
-        if not top > 0:
-            raise ValueError("ManifoldPriorFlow.from_data: the data have zero spread")
-        scale = float(top.sqrt())
-        z = (data - centre) / scale
+        data, centre, scale, z = standardize(x, "ManifoldPriorFlow.from_data")
         if charts > 1:
             gen = torch.Generator().manual_seed(seed) if seed is not None else None
             chart_centres, labels = kmeans(z, charts, generator=gen)
