@@ -217,10 +217,13 @@ def _figure(sphere_atlas, sphere_test, circles_atlas, circles_test):
     ax.set_aspect("equal")
     ax.set_title("two circles: charts learned from the data")
     ax.set_xlabel("x"), ax.set_ylabel("y")
-    legend = _chart_legend(ax, kc, "tab10", 0, 9, loc="upper right", title="samples")
+    # Legends beside the panel: inside they would cover the smaller circle.
+    legend = _chart_legend(
+        ax, kc, "tab10", 0, 9, loc="upper left", bbox_to_anchor=(1.02, 1), title="samples"
+    )
     ax.add_artist(legend)
     data = Line2D([], [], ls="", marker="o", ms=5, color="grey", label="held-out data")
-    ax.legend(handles=[data], loc="lower right", fontsize=8)
+    ax.legend(handles=[data], loc="lower left", bbox_to_anchor=(1.02, 0), fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -229,7 +232,7 @@ def _plot(sphere_atlas, sphere_test, circles_atlas, circles_test, path):
     import matplotlib.pyplot as plt
 
     fig = _figure(sphere_atlas, sphere_test, circles_atlas, circles_test)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
