@@ -22,6 +22,8 @@ from torch import nn
 from atlasdist import AtlasFlow, SphereCharts
 from atlasdist.distributions import (
     FreeFormInjectiveFlow,
+    ManifoldPrior,
+    ManifoldPriorFlow,
     SimplexFlow,
     SphereFlow,
     UniformSphere,
@@ -46,6 +48,15 @@ def _free_form():
     return d, d.sample((6,))
 
 
+def _manifold_prior(cls, *args, **options):
+    def make():
+        torch.manual_seed(0)
+        d = cls(*args, **options).double()()
+        return d, d.sample((6,))
+
+    return make
+
+
 # name -> (distribution in float64, points on its support (N, n)) and the kind of support:
 # "sphere", "simplex" (checked under validation, float32-normalized points accepted) or
 # "ambient" (a thickened density on R^n: no support check).
@@ -68,6 +79,8 @@ DISTRIBUTIONS = {
         "simplex",
     ),
     "FreeFormInjectiveFlow(noise)": (_free_form, "ambient"),
+    "ManifoldPriorFlow": (_manifold_prior(ManifoldPriorFlow, 3, noise=0.1), "ambient"),
+    "ManifoldPrior": (_manifold_prior(ManifoldPrior, 3, rotation=True, noise=0.1), "ambient"),
 }
 distributions = pytest.mark.parametrize("name", sorted(DISTRIBUTIONS))
 on_manifolds = pytest.mark.parametrize(

@@ -26,6 +26,7 @@ from pyro.nn import ConditionalDenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
 
+from .._checks import check_batch, check_features, check_finite, check_floating
 from ..lazy import LazyDistribution
 
 __all__ = [
@@ -117,6 +118,43 @@ def _rotation(skew: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_exp(upper - upper.mT)
 
 
+class ManifoldPriorDistribution(dist.TransformedDistribution):
+    r"""Pyro's ``TransformedDistribution`` with the library's input checks
+    (:doc:`/input_checks`): what :class:`ManifoldPrior` and :class:`ManifoldPriorFlow` return.
+    Values are checked for type, dtype, device, shape, batch shape and finiteness under
+    ``validate_args``; empty batches give empty results."""
+
+    def _model_tensor(self) -> torch.Tensor:
+        d = self.base_dist
+        while True:
+            try:
+                return d.mean
+            except NotImplementedError:
+                d = d.base_dist
+
+    def log_prob(self, value):
+        if self._validate_args:
+            name = type(self).__name__
+            check_floating(value, name, "value", self._model_tensor())
+            check_features(value, self.event_shape[0], name, "value")
+            check_batch(value.shape[:-1], self.batch_shape, name)
+            check_finite(value, name, "value")
+        shape = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        if math.prod(shape) == 0:
+            return value.new_zeros(shape)
+        return super().log_prob(value)
+
+    def rsample(self, sample_shape=()):
+        shape = self._extended_shape(sample_shape)
+        if math.prod(shape) == 0:
+            return self._model_tensor().new_zeros(shape)
+        return super().rsample(sample_shape)
+
+    def sample(self, sample_shape=()):
+        with torch.no_grad():
+            return self.rsample(sample_shape)
+
+
 class ManifoldPrior(LazyDistribution):
     r"""The learnable base :math:`q = \mathcal{N}(0,\; R\,\mathrm{diag}(s^2)\,R^\top +
     \sigma^2 I_D)`, :math:`s_i = \exp(\ell_i)`; calling the module (a
@@ -203,16 +241,14 @@ class ManifoldPrior(LazyDistribution):
             return torch.diag_embed(var)
         return (R * var.unsqueeze(-2)) @ R.mT
 
-    def forward(self, c: torch.Tensor | None = None) -> dist.TorchDistribution:
+    def forward(self, c: torch.Tensor | None = None) -> ManifoldPriorDistribution:
         """The prior with the current parameters; ``flow()`` is an alias. ``c`` must be
         ``None``."""
         self._no_context(c)
         scale = (self.scales.pow(2) + self.noise**2).sqrt()
         base = dist.Normal(torch.zeros_like(scale), scale).to_event(1)
         R = self.rotation()
-        if R is None:
-            return base
-        return dist.TransformedDistribution(base, [_Orthogonal(R)])
+        return ManifoldPriorDistribution(base, [] if R is None else [_Orthogonal(R)])
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, batch_shape={tuple(self.batch_shape)}, noise={self.noise}"
@@ -523,7 +559,7 @@ class ManifoldPriorFlow(LazyDistribution):
 
     # The distribution -------------------------------------------------------------------------
 
-    def forward(self, c: torch.Tensor | None = None) -> dist.TransformedDistribution:
+    def forward(self, c: torch.Tensor | None = None) -> ManifoldPriorDistribution:
         r"""The chart densities :math:`p_k`: a Pyro ``TransformedDistribution`` with event
         shape :math:`(D,)` and batch shape :math:`(K,)` (:math:`()` for one chart); evaluate
         a point in every chart with ``log_prob(x.unsqueeze(-2))``. ``flow()`` is an alias;
@@ -538,7 +574,7 @@ class ManifoldPriorFlow(LazyDistribution):
             frame, loc = self.frame(), self.chart_centres
         inverse = [layer.condition(context).inv for layer in reversed(self.couplings)]
         to_data = _Orthogonal(frame, self.centre + self.scale * loc, self.scale)
-        return dist.TransformedDistribution(self.prior(), inverse + [to_data])
+        return ManifoldPriorDistribution(self.prior(), inverse + [to_data])
 
     # The spectrum -----------------------------------------------------------------------------
 
