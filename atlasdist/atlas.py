@@ -5,6 +5,7 @@ work; the distribution is a cheap object built per call)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 import pyro.distributions.transforms as pyro_t
@@ -135,6 +136,10 @@ class AtlasFlow(LazyDistribution):
                 f"AtlasFlow: context_features must be an int >= 0, got {context_features}"
             )
         self.context_features = int(context_features)
+        for name, value in (("D", D), ("d", d)):
+            if isinstance(value, bool) or not hasattr(value, "__index__"):
+                raise TypeError(f"AtlasFlow: {name} must be an int, got {value!r}")
+        D, d = operator.index(D), operator.index(d)
         if not 1 <= d < D:
             raise ValueError(f"AtlasFlow needs 1 <= d < D, got d={d}, D={D}")
         stack = None
@@ -169,6 +174,7 @@ class AtlasFlow(LazyDistribution):
         else:
             self.register_buffer("centres", centres.clone())
         if context is not None:
+            check_parameter(context, "context", "AtlasFlow")
             self.register_buffer("context", torch.as_tensor(context).clone())
         else:
             self.context = None

@@ -19,7 +19,7 @@ from _cases import CASES, build
 from _manifold_checks import SIMPLEX, SPHERE
 from torch import nn
 
-from atlasdist import AtlasFlow, SphereCharts
+from atlasdist import AtlasFlow, PlaneCharts, SphereCharts
 from atlasdist.distributions import (
     FreeFormInjectiveFlow,
     ManifoldPrior,
@@ -216,6 +216,24 @@ BAD_PARAMETERS = [
     (lambda: AtlasFlow(3, 2, 2, atol=math.nan), ValueError, r"AtlasFlow: atol must be finite"),
     (lambda: AtlasFlow(3, 2, 2, noise_scale=0.0), ValueError, r"noise_scale must be > 0"),
     (lambda: AtlasFlow(3, 2, 0), ValueError, r"AtlasFlow needs at least one chart"),
+    (lambda: AtlasFlow(3, 1.5, 2), TypeError, r"AtlasFlow: d must be an int, got 1.5"),
+    (
+        lambda: AtlasFlow(3, 2, 2, context=torch.full((2, 2), math.nan)),
+        ValueError,
+        r"AtlasFlow: context must be finite",
+    ),
+    (
+        lambda: PlaneCharts(
+            torch.full((2, 3), math.nan), torch.linalg.qr(torch.randn(2, 3, 2)).Q, torch.ones(2)
+        ),
+        ValueError,
+        r"PlaneCharts: means must be finite",
+    ),
+    (
+        lambda: AtlasFlow(3, 2, 2)().sample((-1,)),
+        ValueError,
+        r"AtlasFlowDistribution: sample_shape must not be negative",
+    ),
     (lambda: AtlasFlow(3, 3, 2), ValueError, r"AtlasFlow needs 1 <= d < D"),
     (
         lambda: AtlasFlow(3, 2, 2, centres=torch.full((2, 3), math.inf)),

@@ -214,8 +214,9 @@ class PlaneCharts(ConditionedCharts):
                 "PlaneCharts: need means (K, D), frames (K, D, d) and scales (K,), got "
                 f"{tuple(means.shape)}, {tuple(frames.shape)}, {tuple(scales.shape)}"
             )
-        if not bool((scales > 0).all()):
-            raise ValueError(f"PlaneCharts: scales must be > 0, got {scales.tolist()}")
+        check_parameter(means, "means", "PlaneCharts")
+        check_parameter(frames, "frames", "PlaneCharts")
+        check_parameter(scales, "scales", "PlaneCharts", positive=True)
         K, D, d = frames.shape
         layers = [
             Conditional(

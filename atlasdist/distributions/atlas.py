@@ -246,6 +246,11 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         r"""Draws :math:`k \sim \pi`, :math:`z \sim q`, :math:`x = g_k(z)`; returns
         ``(x, k)`` of shapes ``sample_shape + batch_shape + (D,)`` and ``... + ()``."""
         shape = self._extended_shape(sample_shape)
+        if any(s < 0 for s in shape):
+            raise ValueError(
+                "AtlasFlowDistribution: sample_shape must not be negative, got "
+                f"{tuple(sample_shape)}"
+            )
         n = math.prod(shape[:-1])
         if n == 0:  # an empty sample
             x = self.logits.new_zeros(shape)
