@@ -19,6 +19,7 @@ __all__ = [
     "check_parameter",
     "check_floating",
     "check_batch",
+    "model_tensor",
     "validation_enabled",
     "no_validation",
 ]
@@ -104,6 +105,20 @@ def check_floating(x, owner: str, what: str = "value", like: torch.Tensor | None
             f"{owner}: {what} is on {x.device}, the model's parameters on {like.device}; "
             f"move the {what} with .to({str(like.device)!r}) or the model with .to(...)"
         )
+
+
+def model_tensor(dist) -> torch.Tensor | None:
+    """A tensor with the dtype and device a distribution computes in: a floating-point tensor
+    of it or of its base (``base_dist``, followed down), or an empty tensor of its ``dtype`` and
+    ``device`` (a distribution without parameters); None when none is found."""
+    while dist is not None:
+        for value in vars(dist).values():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                return value
+        if isinstance(getattr(dist, "dtype", None), torch.dtype):
+            return torch.empty(0, dtype=dist.dtype, device=getattr(dist, "device", None))
+        dist = getattr(dist, "base_dist", None)
+    return None
 
 
 def check_batch(shape: torch.Size, batch_shape: torch.Size, owner: str) -> torch.Size:

@@ -318,10 +318,7 @@ class _ChartMaps:
         a = self.atlas
         n = math.prod(shape)
         charts = torch.full((n,), self.chart, dtype=torch.long, device=a.logits.device)
-        inputs = a.inputs
-        if inputs is not None:
-            inputs = inputs.expand(shape + inputs.shape[-1:]).reshape(-1, inputs.shape[-1])
-        return a.chart_maps(charts, inputs)
+        return a.chart_maps(charts, a._conditioning(shape)[1])
 
     def decode(self, z: torch.Tensor):
         r""":math:`x = g_j(z)` and :math:`\frac12 \log\det J_{g_j}^\top J_{g_j}(z)`."""
@@ -528,7 +525,7 @@ class ManifoldReparam(Reparam):
     def apply(self, msg):
         name, fn, value, is_observed = msg["name"], msg["fn"], msg["value"], msg["is_observed"]
         if is_observed:
-            raise NotImplementedError(
+            raise ValueError(
                 f"ManifoldReparam: site {name!r} is observed; it reparameterizes latent sites "
                 "only (leave observed sites out of the config)"
             )

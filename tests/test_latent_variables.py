@@ -223,6 +223,16 @@ def test_reparam_rejects_other_sites():
         poutine.reparam(model, config={"x": ManifoldReparam()})()
 
 
+def test_reparam_rejects_observed_sites():
+    prior = SphereFlow(3, [NormalizedTranslation(3)])()
+
+    def model():
+        return pyro.sample("x", prior, obs=torch.tensor([0.0, 0.0, 1.0]))
+
+    with pytest.raises(ValueError, match="site 'x' is observed; it reparameterizes latent"):
+        poutine.reparam(model, config={"x": ManifoldReparam()})()
+
+
 # --- inference ------------------------------------------------------------------------------
 
 

@@ -12,7 +12,7 @@ from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import Distribution, Transform
 
-from .._checks import check_batch, check_features, check_floating
+from .._checks import check_batch, check_features, check_floating, model_tensor
 from ..lazy import LazyDistribution
 from ..transforms.conditional import Conditional, condition
 
@@ -43,21 +43,6 @@ def _check_features(name: str, i: int, t, n: int) -> None:
             f"{name}: transform {i} ({type(t).__name__}) maps "
             f"{features[0]} to {features[1]} features, the base has {n}"
         )
-
-
-def model_tensor(dist) -> torch.Tensor | None:
-    """A tensor with the dtype and device a distribution computes in: one of its (or its
-    base's) floating-point tensors, or an empty one of its ``dtype``/``device``."""
-    for obj in (dist, getattr(dist, "base_dist", None), getattr(dist, "transforms", None)):
-        for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                return value
-        if isinstance(getattr(obj, "dtype", None), torch.dtype):
-            return torch.empty(0, dtype=obj.dtype, device=getattr(obj, "device", None))
-    for t in getattr(dist, "transforms", ()):
-        for p in t.parameters() if hasattr(t, "parameters") else ():
-            return p
-    return None
 
 
 def check_value(name: str, value: torch.Tensor, n: int, dist=None) -> None:

@@ -26,7 +26,7 @@ from pyro.nn import ConditionalDenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from .._checks import check_batch, check_features, check_finite, check_floating
+from .._checks import check_batch, check_features, check_finite, check_floating, model_tensor
 from ..lazy import LazyDistribution
 
 __all__ = [
@@ -124,18 +124,10 @@ class ManifoldPriorDistribution(dist.TransformedDistribution):
     Values are checked for type, dtype, device, shape, batch shape and finiteness under
     ``validate_args``; empty batches give empty results."""
 
-    def _model_tensor(self) -> torch.Tensor:
-        d = self.base_dist
-        while True:
-            try:
-                return d.mean
-            except NotImplementedError:
-                d = d.base_dist
-
     def log_prob(self, value):
         if self._validate_args:
             name = type(self).__name__
-            check_floating(value, name, "value", self._model_tensor())
+            check_floating(value, name, "value", model_tensor(self))
             check_features(value, self.event_shape[0], name, "value")
             check_batch(value.shape[:-1], self.batch_shape, name)
             check_finite(value, name, "value")
@@ -147,7 +139,7 @@ class ManifoldPriorDistribution(dist.TransformedDistribution):
     def rsample(self, sample_shape=()):
         shape = self._extended_shape(sample_shape)
         if math.prod(shape) == 0:
-            return self._model_tensor().new_zeros(shape)
+            return model_tensor(self).new_zeros(shape)
         return super().rsample(sample_shape)
 
     def sample(self, sample_shape=()):
