@@ -32,7 +32,13 @@ from pyro.distributions.conditional import ConditionalTransform, ConditionalTran
 from pyro.nn import ConditionalDenseNN, DenseNN
 from torch import nn
 
-from .._checks import check_features
+from .._checks import (
+    check_count,
+    check_features,
+    check_parameter,
+    check_sizes,
+    trusted_parameters,
+)
 from .conformal import ConformalEmbedding
 from .injective import InjectiveCompose, is_conformal
 from .spline import RationalQuadraticSpline, spline_knots
@@ -76,6 +82,30 @@ class ChartContext:
     features: torch.Tensor
     index: torch.Tensor
     inputs: torch.Tensor | None = None
+
+    def __post_init__(self):
+        # Metadata only (no values): free on the per-call path.
+        if not isinstance(self.features, torch.Tensor) or self.features.dim() != 2:
+            raise ValueError(
+                "ChartContext: features must be a tensor of shape (K, f), got "
+                f"{getattr(self.features, 'shape', type(self.features).__name__)}"
+            )
+        index = self.index
+        if not isinstance(index, torch.Tensor) or index.dim() != 1 or index.is_floating_point():
+            raise TypeError(
+                "ChartContext: index must be an integer tensor of shape (B,) (chart numbers), "
+                f"got {getattr(index, 'dtype', type(index).__name__)} of shape "
+                f"{tuple(getattr(index, 'shape', ()))}"
+            )
+        if self.inputs is not None and (
+            not isinstance(self.inputs, torch.Tensor)
+            or self.inputs.dim() != 2
+            or self.inputs.shape[0] != index.shape[0]
+        ):
+            raise ValueError(
+                f"ChartContext: inputs must have shape ({index.shape[0]}, e), one row per index, "
+                f"got {tuple(getattr(self.inputs, 'shape', ()))}"
+            )
 
     def rows(self) -> torch.Tensor:
         r"""The context of each row, :math:`(B, f + e)`: for conditional transforms that do
@@ -127,11 +157,9 @@ class Hypernet(nn.Module):
         initial: torch.Tensor | None = None,
     ):
         super().__init__()
-        if int(context_features) < 1:
-            raise ValueError(f"context_features must be >= 1, got {context_features}")
-        self.context_features = int(context_features)
-        self.out_features = int(out_features)
-        sizes = [self.context_features, *hidden]
+        self.context_features = check_count(context_features, "context_features", "Hypernet")
+        self.out_features = check_count(out_features, "out_features", "Hypernet", minimum=0)
+        sizes = [self.context_features, *check_sizes(hidden, "hidden", "Hypernet")]
         layers: list[nn.Module] = []
         for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b), nn.SiLU()]
@@ -144,6 +172,7 @@ class Hypernet(nn.Module):
                 raise ValueError(
                     f"Hypernet: initial must have {out_features} entries, got {initial.numel()}"
                 )
+            check_parameter(initial, "initial", "Hypernet")
             with torch.no_grad():
                 last.bias.copy_(initial)
         self.net = nn.Sequential(*layers, last)
@@ -176,8 +205,11 @@ class ChartTable(nn.Module):
     def __init__(self, table: torch.Tensor, learnable: bool = True):
         super().__init__()
         table = torch.as_tensor(table)
-        if table.dim() != 2:
-            raise ValueError(f"ChartTable: table must have shape (K, p), got {tuple(table.shape)}")
+        if table.dim() != 2 or table.shape[0] < 1:
+            raise ValueError(
+                f"ChartTable: table must have shape (K, p) with K >= 1, got {tuple(table.shape)}"
+            )
+        check_parameter(table, "table", "ChartTable")
         if learnable:
             self.table = nn.Parameter(table.clone())
         else:
@@ -243,6 +275,15 @@ class Conditional(ConditionalTransformModule):
         **options,
     ):
         super().__init__()
+        if not (hasattr(layer, "parameter_shapes") and hasattr(layer, "from_parameters")):
+            raise TypeError(
+                f"Conditional: layer must be a layer class with parameter_shapes and "
+                f"from_parameters (e.g. Shift, StiefelEmbedding), got {layer!r}"
+            )
+        if context_features is not None:
+            context_features = check_count(
+                context_features, "context_features", f"Conditional({layer.__name__})"
+            )
         self.layer, self.args, self.options = layer, args, options
         self.shapes = dict(layer.parameter_shapes(*args, **options))
         sizes = [math.prod(shape) for shape in self.shapes.values()]
@@ -331,6 +372,8 @@ class ConditionalCompose(ConditionalTransformModule):
     def __init__(self, parts, in_features: int | None = None):
         super().__init__()
         self.parts = list(parts)
+        if not self.parts:
+            raise ValueError("ConditionalCompose needs at least one part")
         self.in_features = in_features
         self.part_modules = nn.ModuleList([p for p in self.parts if isinstance(p, nn.Module)])
         contexts = {p.context_features for p in self.parts if getattr(p, "context_features", None)}
@@ -393,6 +436,10 @@ def chart_affine_coupling(
 ) -> pyro_t.ConditionalAffineCoupling:
     r"""Pyro's conditional affine coupling on :math:`\mathbb{R}^d` with a :class:`ChartDenseNN`
     (same map as ``pyro.distributions.transforms.conditional_affine_coupling``)."""
+    name = "chart_affine_coupling"
+    features = check_count(features, "features", name, minimum=2)  # both halves non-empty
+    context_features = check_count(context_features, "context_features", name)
+    hidden = check_sizes(hidden, "hidden", name, nonempty=True)  # Pyro's networks need one
     split = features // 2
     net = ChartDenseNN(split, context_features, list(hidden), [features - split, features - split])
     return pyro_t.ConditionalAffineCoupling(split, net)
@@ -423,10 +470,11 @@ class ChartSpline(ConditionalTransformModule):
         bound: float = 3.0,
     ):
         super().__init__()
-        if count_bins < 1 or not bound > 0:
-            raise ValueError(
-                f"ChartSpline: need count_bins >= 1 and bound > 0, got {count_bins}, {bound}"
-            )
+        features = check_count(features, "features", "ChartSpline")
+        context_features = check_count(context_features, "context_features", "ChartSpline")
+        count_bins = check_count(count_bins, "count_bins", "ChartSpline")
+        check_parameter(bound, "bound", "ChartSpline", positive=True)
+        hidden = check_sizes(hidden, "hidden", "ChartSpline", nonempty=True)
         self.features, self.context_features = features, context_features
         self.count_bins, self.bound = count_bins, float(bound)
         bins = count_bins
@@ -451,9 +499,13 @@ class ChartSpline(ConditionalTransformModule):
         )
 
     def condition(self, context):
-        if isinstance(context, ChartContext):
-            if not context.per_chart:  # knots depend on each row's inputs
-                return RationalQuadraticSpline(*self.knots(context.rows()), bound=self.bound)
-            knots = self.knots(context.features)
-            return RationalQuadraticSpline(*knots, bound=self.bound, index=context.index)
-        return RationalQuadraticSpline(*self.knots(context), bound=self.bound)
+        # Knots from spline_knots are valid by construction: not checked per call.
+        index = None
+        if not isinstance(context, ChartContext):
+            knots = self.knots(context)
+        elif not context.per_chart:  # knots depend on each row's inputs
+            knots = self.knots(context.rows())
+        else:
+            knots, index = self.knots(context.features), context.index
+        with trusted_parameters():
+            return RationalQuadraticSpline(*knots, bound=self.bound, index=index)

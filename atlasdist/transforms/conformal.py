@@ -29,7 +29,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations
 
-from .._checks import check_features, validation_enabled
+from .._checks import (
+    check_features,
+    check_parameter,
+    parameters_trusted,
+    trusted_parameters,
+    validation_enabled,
+)
 from .indexed import per_tile, tile_plan, tiled
 from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
@@ -77,12 +83,18 @@ def store(
     """Keeps a given parameter tensor: as a buffer (moved by ``.to``, saved in ``state_dict``)
     when it is a constant, as a plain attribute when it carries a graph (a conditioned layer's
     parameters, produced by a hypernetwork). Without a value, a learnable parameter starting at
-    ``initial``; a given value is checked to have shape ``(*, features)`` when asked."""
+    ``initial``; a given value is checked to have shape ``(*, features)`` when asked and, unless
+    the caller is inside :func:`~atlasdist._checks.trusted_parameters` (the per-call
+    ``from_parameters`` path, where the check would cost a device sync), to be a finite float
+    tensor."""
     if value is None:
         setattr(module, name, nn.Parameter(initial))
         return
+    owner = type(module).__name__
     if features is not None:
-        check_features(value, features, type(module).__name__, name)
+        check_features(value, features, owner, name)
+    if not parameters_trusted():
+        check_parameter(value, name.lstrip("_"), owner, tensor=True)
     if value.requires_grad:
         setattr(module, name, value)
     else:
@@ -290,18 +302,19 @@ class StiefelEmbedding(InjectiveTransform):
     def parameter_shapes(in_features: int, out_features: int) -> dict:
         if not 1 <= in_features <= out_features:
             raise ValueError(
-                f"an injective map needs 1 <= in_features <= out_features, "
+                f"StiefelEmbedding: an injective map needs 1 <= in_features <= out_features, "
                 f"got d={in_features}, D={out_features}"
             )
         return {"raw": (_num_reflector_params(out_features, in_features),)}
 
     @classmethod
     def from_parameters(cls, in_features, out_features, params, index=None):
-        if index is None:
-            weight = householder_stiefel(params["raw"], out_features, in_features)
-            return cls(in_features, out_features, weight=weight, orthonormal=True)
-        reflectors = compact_wy(params["raw"], out_features, in_features)
-        return cls(in_features, out_features, index=index, reflectors=reflectors)
+        with trusted_parameters():
+            if index is None:
+                weight = householder_stiefel(params["raw"], out_features, in_features)
+                return cls(in_features, out_features, weight=weight, orthonormal=True)
+            reflectors = compact_wy(params["raw"], out_features, in_features)
+            return cls(in_features, out_features, index=index, reflectors=reflectors)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -403,10 +416,12 @@ class Orthogonal(StiefelEmbedding):
 
     @classmethod
     def from_parameters(cls, features, params, index=None):
-        if index is None:
-            weight = householder_stiefel(params["raw"], features, features)
-            return cls(features, weight=weight, orthonormal=True)
-        return cls(features, index=index, reflectors=compact_wy(params["raw"], features, features))
+        with trusted_parameters():
+            if index is None:
+                weight = householder_stiefel(params["raw"], features, features)
+                return cls(features, weight=weight, orthonormal=True)
+            reflectors = compact_wy(params["raw"], features, features)
+            return cls(features, index=index, reflectors=reflectors)
 
     def extra_repr(self) -> str:
         return f"features={self.in_features}"
@@ -461,24 +476,25 @@ class Similarity(StiefelEmbedding):
     @classmethod
     def from_parameters(cls, in_features, out_features, params, index=None):
         log_scale, shift = params["log_scale"][..., 0], params["shift"]
-        if index is None:
-            weight = householder_stiefel(params["raw"], out_features, in_features)
+        with trusted_parameters():
+            if index is None:
+                weight = householder_stiefel(params["raw"], out_features, in_features)
+                return cls(
+                    in_features,
+                    out_features,
+                    weight,
+                    log_scale=log_scale,
+                    shift=shift,
+                    orthonormal=True,
+                )
             return cls(
                 in_features,
                 out_features,
-                weight,
+                index=index,
+                reflectors=compact_wy(params["raw"], out_features, in_features),
                 log_scale=log_scale,
                 shift=shift,
-                orthonormal=True,
             )
-        return cls(
-            in_features,
-            out_features,
-            index=index,
-            reflectors=compact_wy(params["raw"], out_features, in_features),
-            log_scale=log_scale,
-            shift=shift,
-        )
 
     def _call(self, x):
         if self.reflectors is not None:
@@ -508,9 +524,11 @@ class Scale(InjectiveTransform):
 
     def __init__(self, features: int, init: float = 1.0, log_scale: torch.Tensor | None = None):
         super().__init__(features, features)
-        if log_scale is None and not init > 0:
-            raise ValueError(f"Scale: init must be > 0, got {init}")
-        store(self, "log_scale", log_scale, torch.tensor(math.log(init) if init > 0 else 0.0))
+        initial = None
+        if log_scale is None:
+            check_parameter(init, "init", "Scale", positive=True)
+            initial = torch.tensor(math.log(init))
+        store(self, "log_scale", log_scale, initial)
 
     @staticmethod
     def parameter_shapes(features: int) -> dict:
@@ -518,7 +536,8 @@ class Scale(InjectiveTransform):
 
     @classmethod
     def from_parameters(cls, features, params, index=None):
-        return cls(features, log_scale=_rows(params["log_scale"][..., 0], index))
+        with trusted_parameters():
+            return cls(features, log_scale=_rows(params["log_scale"][..., 0], index))
 
     def _call(self, x):
         return x * self.log_scale.exp().unsqueeze(-1)
@@ -554,7 +573,8 @@ class Shift(InjectiveTransform):
 
     @classmethod
     def from_parameters(cls, features, params, index=None):
-        return cls(features, shift=_rows(params["shift"], index))
+        with trusted_parameters():
+            return cls(features, shift=_rows(params["shift"], index))
 
     def _call(self, x):
         return x + self.shift
@@ -602,8 +622,8 @@ class Mobius(InjectiveTransform):
         self, features: int, radius: float | None = None, raw: torch.Tensor | None = None
     ):
         super().__init__(features, features)
-        if radius is not None and not radius > 0:
-            raise ValueError(f"Mobius: radius must be > 0, got {radius}")
+        if radius is not None:
+            check_parameter(float(radius), "radius", "Mobius", positive=True)
         self.radius = None if radius is None else float(radius)
         store(self, "raw", raw, torch.zeros(features), features)
 
@@ -613,7 +633,8 @@ class Mobius(InjectiveTransform):
 
     @classmethod
     def from_parameters(cls, features, params, index=None, radius=None):
-        return cls(features, radius=radius, raw=_rows(params["raw"], index))
+        with trusted_parameters():
+            return cls(features, radius=radius, raw=_rows(params["raw"], index))
 
     @property
     def b(self) -> torch.Tensor:
@@ -747,14 +768,17 @@ class InverseStereographic(InjectiveTransform):
             pole = torch.zeros(in_features + 1)
             pole[-1] = 1
             self.register_buffer("pole", pole)
+            self._default_buffers = ("pole",)  # a constant: the layer follows its input's dtype
         else:
             check_features(pole, in_features + 1, "InverseStereographic", "pole")
-            if validation_enabled():
+            if not parameters_trusted():
+                check_parameter(pole, "pole", "InverseStereographic", tensor=True)
                 norm = pole.norm(dim=-1)
                 if not bool(torch.allclose(norm, torch.ones_like(norm), atol=1e-6)):
                     raise ValueError(
                         f"InverseStereographic: pole must have unit norm, got norms in "
-                        f"[{float(norm.min()):.6g}, {float(norm.max()):.6g}]"
+                        f"[{float(norm.min()):.6g}, {float(norm.max()):.6g}]; normalize it: "
+                        "pole / pole.norm(dim=-1, keepdim=True)"
                     )
             store(self, "pole", pole)
 
@@ -768,7 +792,8 @@ class InverseStereographic(InjectiveTransform):
         north = torch.zeros_like(raw)
         north[..., -1] = 1
         pole = nn.functional.normalize(north + raw, dim=-1)
-        return cls(in_features, pole=_rows(pole, index))
+        with trusted_parameters():
+            return cls(in_features, pole=_rows(pole, index))
 
     def _call(self, x):
         r2 = x.pow(2).sum(-1, keepdim=True)

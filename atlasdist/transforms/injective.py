@@ -12,7 +12,7 @@ from pyro.distributions.torch_transform import TransformModule
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from .._checks import check_features, check_finite, check_floating
+from .._checks import check_count, check_features, check_finite, check_floating, module_tensor
 
 __all__ = [
     "EventTransform",
@@ -57,15 +57,19 @@ class EventTransform(TransformModule):
         return tuple(shape[:-1]) + (self.in_features,)
 
     def __call__(self, x):
-        check_floating(x, self.name, "input")
+        check_floating(x, self.name, "input", module_tensor(self))
         check_features(x, self.in_features, self.name)
         check_finite(x, self.name)
+        if x.numel() == 0:  # an empty batch (some Pyro layers cannot reshape zero rows)
+            return x.new_zeros(x.shape[:-1] + (self.out_features,))
         return super().__call__(x)
 
     def _inv_call(self, y):
-        check_floating(y, self.name + ".inv", "input")
+        check_floating(y, self.name + ".inv", "input", module_tensor(self))
         check_features(y, self.out_features, self.name + ".inv")
         check_finite(y, self.name + ".inv")
+        if y.numel() == 0:
+            return y.new_zeros(y.shape[:-1] + (self.in_features,))
         return super()._inv_call(y)
 
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,16 +114,17 @@ class InjectiveTransform(EventTransform):
     conformal = False
 
     def __init__(self, in_features: int, out_features: int, cache_size: int = 0):
-        if int(in_features) < 1:
-            raise ValueError(f"in_features must be >= 1, got {in_features}")
-        if int(out_features) < int(in_features):
+        name = type(self).__name__
+        in_features = check_count(in_features, "in_features", name)
+        out_features = check_count(out_features, "out_features", name)
+        if out_features < in_features:
             raise ValueError(
-                f"an injective map needs in_features <= out_features, "
+                f"{name}: an injective map needs in_features <= out_features, "
                 f"got d={in_features} > D={out_features}"
             )
         super().__init__(cache_size=cache_size)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = in_features
+        self.out_features = out_features
 
     @property
     def bijective(self) -> bool:
@@ -242,6 +247,8 @@ class InjectiveCompose(InjectiveTransform):
         return y
 
     def call_and_ladj(self, x):
+        if isinstance(x, torch.Tensor) and x.numel() == 0:
+            return self(x), x.new_zeros(x.shape[:-1])
         d = x.shape[-1]
         ladj, raised = 0.0, False
         for part in self.parts:

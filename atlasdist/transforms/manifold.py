@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch.distributions import constraints
 
-from .._checks import no_validation
+from .._checks import check_count, no_validation, trusted_parameters
 from ..geometry import jacobian, tangent_frame
 from ..manifolds.simplex import simplex_projection as simplex_projection
 from ..manifolds.sphere import sphere_projection as sphere_projection
@@ -104,11 +104,12 @@ class ManifoldFlow(EventTransform):
 
     def __init__(self, features: int):
         super().__init__(cache_size=0)
-        if int(features) < 2:
+        features = check_count(features, "features", self.name, minimum=0)
+        if features < 2:
             raise ValueError(
                 f"{self.name}: features must be >= 2 ({self.manifold}), got {features}"
             )
-        self.in_features = self.out_features = int(features)
+        self.in_features = self.out_features = features
 
     def extra_repr(self) -> str:
         return f"features={self.in_features}"
@@ -126,9 +127,10 @@ class ManifoldFlow(EventTransform):
         (:math:`(K, \dots)` gathered by ``index``, shape :math:`(B,)`, when given); a tensor
         with a graph (a hypernetwork's output) stays differentiable."""
         flow = cls(features)
-        for name, value in params.items():
-            delattr(flow, name)
-            store(flow, name, value if index is None else value.index_select(0, index))
+        with trusted_parameters():
+            for name, value in params.items():
+                delattr(flow, name)
+                store(flow, name, value if index is None else value.index_select(0, index))
         return flow
 
 
@@ -202,13 +204,23 @@ class ManifoldTransform(EventTransform):
         chunk_size: int | None = None,
     ):
         super().__init__(cache_size=0)
-        if not 1 <= int(dim) <= int(features):
+        name = "ManifoldTransform"
+        dim = check_count(dim, "dim", name)
+        features = check_count(features, "features", name)
+        if not dim <= features:
             raise ValueError(
-                f"ManifoldTransform: need 1 <= dim <= features, got dim={dim}, features={features}"
+                f"{name}: need 1 <= dim <= features, got dim={dim}, features={features}"
             )
-        self.in_features = int(features)
-        self.out_features = self.in_features if out_features is None else int(out_features)
-        self.dim = int(dim)
+        for what, given in (("fn", fn), ("projection", projection)):
+            if not callable(given):
+                raise TypeError(f"{name}: {what} must be callable, got {type(given).__name__}")
+        if chunk_size is not None:
+            chunk_size = check_count(chunk_size, "chunk_size", name)
+        self.in_features = features
+        self.out_features = (
+            features if out_features is None else check_count(out_features, "out_features", name)
+        )
+        self.dim = dim
         self.fn = fn
         self.inverse_fn = inverse
         self.projection = projection

@@ -48,7 +48,7 @@ import math
 import torch
 from torch import nn
 
-from .._checks import check_features
+from .._checks import check_features, check_parameter
 from ..manifolds.simplex import SIMPLEX_TOLERANCE as SIMPLEX_TOLERANCE
 from ..manifolds.simplex import check_on_simplex as check_on_simplex
 from ..manifolds.simplex import helmert_basis, unit_simplex
@@ -103,12 +103,12 @@ class Calibration(_SimplexFlow):
 
     def __init__(self, features: int, temperature: float = 1.0, shift: torch.Tensor | None = None):
         super().__init__(features)
-        if not temperature > 0:
-            raise ValueError(f"{self.name}: temperature must be > 0, got {temperature}")
+        check_parameter(float(temperature), "temperature", self.name, positive=True)
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)))
         if shift is None:
             shift = torch.zeros(self.in_features)
         check_features(shift, self.in_features, self.name, "shift")
+        check_parameter(shift, "shift", self.name, tensor=True)
         self.shift = nn.Parameter(shift.detach().clone())
 
     @property
@@ -177,6 +177,7 @@ class GeneralizedCalibration(_SimplexFlow):
         if shift is None:
             shift = torch.zeros(n)
         check_features(shift, n, self.name, "shift")
+        check_parameter(shift, "shift", self.name, tensor=True)
         self.shift = nn.Parameter(shift.detach().clone())
 
     def _params(self, x):

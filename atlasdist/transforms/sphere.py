@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_features
+from .._checks import check_features, check_parameter
 from ..manifolds.sphere import check_on_sphere as check_on_sphere
 from ..manifolds.sphere import sphere_projection, unit_sphere
 from ..manifolds.sphere import sphere_tolerance as sphere_tolerance
@@ -68,7 +68,10 @@ def _squash(raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _unsquash(shift: torch.Tensor, name: str) -> torch.Tensor:
     norm2 = shift.pow(2).sum(-1, keepdim=True)
     if not bool((norm2 < 1).all()):
-        raise ValueError(f"{name}: the shift must have norm < 1, got {float(norm2.sqrt()):.6g}")
+        raise ValueError(
+            f"{name}: the shift must have norm < 1, got {float(norm2.sqrt().max()):.6g}; scale it "
+            "down (any c with |c| < 1 is a bijection)"
+        )
     return shift * (1 - norm2).rsqrt()
 
 
@@ -122,6 +125,7 @@ class NormalizedTranslation(_SphereFlow):
             raw = torch.zeros(self.in_features)
         else:
             check_features(shift, self.in_features, self.name, "shift")
+            check_parameter(shift, "shift", self.name, tensor=True)
             raw = _unsquash(shift.detach().clone(), self.name)
         self.raw = nn.Parameter(raw)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from .._checks import check_parameter, parameters_trusted, trusted_parameters
 from .conformal import store
 from .injective import InjectiveTransform
 
@@ -50,6 +51,25 @@ def spline_knots(widths, heights, derivatives, bound: float):
     return knots(widths), knots(heights), torch.cat([one, inner, one], -1)
 
 
+def _check_knots(xs, ys, ds, bound: float) -> None:
+    # Given knots (not those of spline_knots) must describe a monotonic spline joining the
+    # identity at +-bound, else the map is not a bijection and its log-det is wrong.
+    name = "RationalQuadraticSpline"
+    for label, value in (("xs", xs), ("ys", ys), ("ds", ds)):
+        check_parameter(value, label, name, tensor=True)
+    for label, value in (("xs", xs), ("ys", ys)):
+        if not bool((value[..., 1:] > value[..., :-1]).all()):
+            raise ValueError(f"{name}: the knots {label} must increase along the last dimension")
+        ends = value[..., [0, -1]].abs() - bound
+        if not bool((ends.abs() <= 1e-6 * bound).all()):
+            raise ValueError(
+                f"{name}: the knots {label} must start at -bound and end at +bound "
+                f"(bound = {bound}); build them with spline_knots(...)"
+            )
+    if not bool((ds > 0).all()):
+        raise ValueError(f"{name}: the knot derivatives ds must be > 0")
+
+
 class RationalQuadraticSpline(InjectiveTransform):
     r"""Monotonic rational-quadratic spline applied to each coordinate of
     :math:`\mathbb{R}^d`, the identity outside :math:`[-B, B]` (Durkan et al. 2019). In bin
@@ -78,9 +98,10 @@ class RationalQuadraticSpline(InjectiveTransform):
                 "RationalQuadraticSpline: knots must have one shape (R, d, S + 1), got "
                 f"{tuple(xs.shape)}, {tuple(ys.shape)}, {tuple(ds.shape)}"
             )
-        if not bound > 0:
-            raise ValueError(f"RationalQuadraticSpline: bound must be > 0, got {bound}")
+        check_parameter(float(bound), "bound", "RationalQuadraticSpline", positive=True)
         super().__init__(xs.shape[1], xs.shape[1])
+        if not parameters_trusted():
+            _check_knots(xs, ys, ds, float(bound))
         for name, value in (("xs", xs), ("ys", ys), ("ds", ds)):
             store(self, name, value)
         self.bound, self.index = float(bound), index
@@ -88,8 +109,11 @@ class RationalQuadraticSpline(InjectiveTransform):
 
     @classmethod
     def from_parameters(cls, widths, heights, derivatives, bound: float, index=None):
-        """The spline of unconstrained parameters (see :func:`spline_knots`)."""
-        return cls(*spline_knots(widths, heights, derivatives, bound), bound=bound, index=index)
+        """The spline of unconstrained parameters (see :func:`spline_knots`); the knots are
+        valid by construction and not checked (the per-call path of a hypernetwork)."""
+        knots = spline_knots(widths, heights, derivatives, bound)
+        with trusted_parameters():
+            return cls(*knots, bound=bound, index=index)
 
     def _rows(self, x):
         rows, features = x.shape[-2], x.shape[-1]
