@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .._checks import check_count, check_floating, check_parameter
+
 __all__ = ["kmeans"]
 
 
@@ -27,10 +29,14 @@ def kmeans(
         >>> sorted(centres.sum(-1).tolist())
         [0.0, 2.0]
     """
-    if x.dim() != 2 or x.shape[0] < k or k < 1:
+    check_floating(x, "kmeans", "x")
+    k = check_count(k, "k", "kmeans")
+    iters = check_count(iters, "iters", "kmeans", minimum=0)
+    if x.dim() != 2 or x.shape[0] < k:
         raise ValueError(
             f"kmeans: need x of shape (N, c) with N >= k >= 1, got {tuple(x.shape)}, k={k}"
         )
+    check_parameter(x, "x", "kmeans")
     n = x.shape[0]
     first = torch.randint(n, (1,), generator=generator, device="cpu").to(x.device)
     centres = x[first]

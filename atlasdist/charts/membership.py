@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_features
+from .._checks import check_count, check_features, check_parameter
 
 __all__ = ["ChartMembership"]
 
@@ -43,14 +43,12 @@ class ChartMembership(nn.Module):
 
     def __init__(self, m: int = 2, eps: float = 0.0, cap: int | None = None, encoder=None):
         super().__init__()
-        if int(m) < 1:
-            raise ValueError(f"ChartMembership: m must be >= 1, got {m}")
-        if not eps >= 0:
-            raise ValueError(f"ChartMembership: eps must be >= 0, got {eps}")
-        cap = int(m) if cap is None else int(cap)
+        m = check_count(m, "m", "ChartMembership")
+        check_parameter(eps, "eps", "ChartMembership", nonnegative=True)
+        cap = m if cap is None else check_count(cap, "cap", "ChartMembership")
         if cap < m:
             raise ValueError(f"ChartMembership: cap must be >= m, got cap={cap} < m={m}")
-        self.m, self.eps, self.cap = int(m), float(eps), cap
+        self.m, self.eps, self.cap = m, float(eps), cap
         self.encoder = nn.Identity() if encoder is None else encoder
 
     def extra_repr(self) -> str:

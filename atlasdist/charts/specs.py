@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .._checks import check_parameter
+from .._checks import check_count, check_parameter
 from ..transforms import (
     ChartContext,
     Conditional,
@@ -90,14 +90,17 @@ class ConditionedCharts(ChartSpec):
 
     def __init__(self, parts, num_charts: int, in_features=None, out_features=None):
         super().__init__()
-        if int(num_charts) < 1:
-            raise ValueError(f"{type(self).__name__}: needs at least one chart, got {num_charts}")
+        name = type(self).__name__
+        num_charts = check_count(num_charts, "num_charts", name, minimum=0)
+        if num_charts < 1:
+            raise ValueError(f"{name}: needs at least one chart, got {num_charts}")
         self.parts = parts
-        self.num_charts = int(num_charts)
+        self.num_charts = num_charts
         if in_features is None or out_features is None:
             probe = self._probe()
             in_features, out_features = probe.in_features, probe.out_features
-        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.in_features = check_count(in_features, "in_features", name)
+        self.out_features = check_count(out_features, "out_features", name)
 
     table_names: tuple[str, ...] = ()
 
@@ -154,9 +157,17 @@ class SphereCharts(ConditionedCharts):
         dtype = torch.promote_types(torch.promote_types(centres.dtype, radii.dtype), poles.dtype)
         if not dtype.is_floating_point:
             dtype = torch.get_default_dtype()
+        if dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"SphereCharts: centres, radii and poles have dtype {dtype}; the library computes "
+                "in float32 or float64: convert them with .to(torch.float32) or .to(torch.float64)"
+            )
         centres, radii, poles = (t.to(dtype) for t in (centres, radii, poles))
-        if poles.dim() != 2:
-            raise ValueError(f"SphereCharts: poles must have shape (K, d+1), got {poles.shape}")
+        if poles.dim() != 2 or poles.shape[-1] < 2:
+            raise ValueError(
+                f"SphereCharts: poles must have shape (K, d+1) with d >= 1, got "
+                f"{tuple(poles.shape)}"
+            )
         K, D = poles.shape
         if centres.shape != (K, D) or radii.shape != (K,):
             raise ValueError(
@@ -166,6 +177,14 @@ class SphereCharts(ConditionedCharts):
         check_parameter(centres, "centres", "SphereCharts")
         check_parameter(radii, "radii", "SphereCharts", positive=True)
         check_parameter(poles, "poles", "SphereCharts")
+        norms = poles.norm(dim=-1)
+        tol = max(1e-6, 1000 * torch.finfo(dtype).eps)
+        if not bool(((norms - 1).abs() <= tol).all()):
+            raise ValueError(
+                "SphereCharts: poles must be unit vectors, got norms in "
+                f"[{float(norms.min()):.6g}, {float(norms.max()):.6g}]; normalize them: "
+                "poles / poles.norm(dim=-1, keepdim=True)"
+            )
         north = torch.zeros(D, dtype=dtype)
         north[-1] = 1
         parts = ConditionalCompose(
@@ -218,6 +237,21 @@ class PlaneCharts(ConditionedCharts):
         check_parameter(frames, "frames", "PlaneCharts")
         check_parameter(scales, "scales", "PlaneCharts", positive=True)
         K, D, d = frames.shape
+        if not 1 <= d <= D:
+            raise ValueError(
+                f"PlaneCharts: frames must have shape (K, D, d), 1 <= d <= D, got "
+                f"{tuple(frames.shape)}"
+            )
+        # Only the column spaces are kept (householder_stiefel_raw): a frame of lower rank has
+        # no d-dimensional column space, and its chart would silently be another plane.
+        sv = torch.linalg.svdvals(frames)
+        rank_tol = sv[..., :1] * max(D, d) * torch.finfo(frames.dtype).eps * 100
+        if not bool((sv[..., -1:] > rank_tol).all()):
+            raise ValueError(
+                f"PlaneCharts: frames must have full column rank {d}; frame "
+                f"{int((sv[..., -1:] <= rank_tol).nonzero()[0, 0])} has smallest singular value "
+                f"{float(sv[..., -1].min()):.3g}"
+            )
         layers = [
             Conditional(
                 StiefelEmbedding, d, D, table=householder_stiefel_raw(frames), learnable=learnable
@@ -255,7 +289,11 @@ class LearnedCharts(ConditionedCharts):
     def __init__(
         self, num_charts: int, d: int, D: int, context_features: int, hidden: Sequence[int] = (32,)
     ):
-        c = context_features
+        for name, value in (("num_charts", num_charts), ("d", d), ("D", D)):
+            check_count(value, name, "LearnedCharts")
+        if not d < D:
+            raise ValueError(f"LearnedCharts: needs d < D (a d-sphere in R^D), got d={d}, D={D}")
+        c = check_count(context_features, "context_features", "LearnedCharts")
         layers = [
             Conditional(InverseStereographic, d, context_features=c, hidden=hidden),
             Conditional(Similarity, d + 1, D, context_features=c, hidden=hidden),
@@ -275,10 +313,16 @@ class SharedChart(ChartSpec):
 
     def __init__(self, embedding, num_charts: int = 1):
         super().__init__()
-        if int(num_charts) < 1:
+        num_charts = check_count(num_charts, "num_charts", "SharedChart", minimum=0)
+        if num_charts < 1:
             raise ValueError(f"SharedChart: needs at least one chart, got {num_charts}")
+        if not (hasattr(embedding, "in_features") and hasattr(embedding, "out_features")):
+            raise TypeError(
+                "SharedChart: embedding must be a transform with in_features and out_features "
+                f"(an InjectiveTransform), got {type(embedding).__name__}"
+            )
         self.shared = embedding
-        self.num_charts = int(num_charts)
+        self.num_charts = num_charts
         self.in_features, self.out_features = embedding.in_features, embedding.out_features
 
     def embedding(self, context: ChartContext):
@@ -339,6 +383,12 @@ class ChartStack(nn.Module):
         specs = list(specs)
         if not specs:
             raise ValueError("ChartStack: needs at least one chart spec")
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, ChartSpec):
+                raise TypeError(
+                    f"ChartStack: spec {i} ({type(spec).__name__}) is not a ChartSpec (e.g. "
+                    "SphereCharts, PlaneCharts, SharedChart)"
+                )
         dims = {(s.in_features, s.out_features) for s in specs}
         if len(dims) > 1:
             raise ValueError(f"ChartStack: the specs disagree on (d, D): {sorted(dims)}")

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._checks import check_features
+from .._checks import check_count, check_features, check_parameter, check_sizes
 from .kmeans import kmeans
 from .membership import ChartMembership
 
@@ -69,9 +69,12 @@ class VQAutoencoder(nn.Module):
         decoder: nn.Module | None = None,
     ):
         super().__init__()
-        if charts < 1 or D < 1:
-            raise ValueError(f"VQAutoencoder needs D >= 1 and charts >= 1, got {D}, {charts}")
-        code_dim = D if code_dim is None else code_dim
+        D = check_count(D, "D", "VQAutoencoder")
+        charts = check_count(charts, "charts", "VQAutoencoder")
+        code_dim = D if code_dim is None else check_count(code_dim, "code_dim", "VQAutoencoder")
+        if encoder is None or decoder is None:
+            hidden = check_sizes(hidden, "hidden", "VQAutoencoder")
+        check_parameter(commitment, "commitment", "VQAutoencoder", nonnegative=True)
         self.D, self.num_charts, self.code_dim = D, charts, code_dim
         self.encoder = encoder if encoder is not None else mlp([D, *hidden, code_dim])
         self.decoder = decoder if decoder is not None else mlp([code_dim, *hidden, D])

@@ -7,42 +7,86 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from pyro.distributions import TransformedDistribution
+from pyro.distributions import TransformedDistribution, constraints
 from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions import Distribution, Transform
 
-from .._checks import check_batch, check_features, check_floating, model_tensor
+from .._checks import (
+    check_batch,
+    check_count,
+    check_features,
+    check_finite,
+    check_floating,
+    check_sample_shape,
+    check_sizes,
+    model_tensor,
+    module_tensor,
+)
 from ..lazy import LazyDistribution
 from ..transforms.conditional import Conditional, condition
 
 __all__ = ["check_chain", "check_value", "ChainDistribution", "ChainFlow"]
 
 
-def check_chain(name: str, base, transforms, min_features: int) -> list:
-    """The transforms as a list, each mapping the base's n features to n (ValueError
-    otherwise)."""
-    if isinstance(transforms, Transform):
-        transforms = [transforms]
-    transforms = list(transforms)
+def _transform_list(name: str, transforms) -> list:
+    # One transform or a sequence of them, as a list.
+    if isinstance(transforms, Transform | ConditionalTransform):
+        return [transforms]
+    if isinstance(transforms, str | torch.Tensor) or not hasattr(transforms, "__iter__"):
+        raise TypeError(
+            f"{name}: transforms must be a list of transforms, got {type(transforms).__name__}"
+        )
+    return list(transforms)
+
+
+def check_chain(
+    name: str, base, transforms, min_features: int, manifold: ManifoldKind | None = None
+) -> list:
+    """The transforms as a list, each a transform mapping the base's n features to n and, when
+    ``manifold`` is given, not a flow on another manifold; the base a distribution on it
+    (TypeError or ValueError otherwise)."""
+    transforms = _transform_list(name, transforms)
+    if not isinstance(base, Distribution):
+        raise TypeError(f"{name}: the base must be a Distribution, got {type(base).__name__}")
     if len(base.event_shape) != 1 or base.event_shape[0] < min_features:
         raise ValueError(
             f"{name}: the base must have event shape (n,), n >= {min_features}, got "
             f"{tuple(base.event_shape)}"
         )
+    if manifold is not None and not isinstance(base.support, manifold.constraint):
+        raise ValueError(
+            f"{name}: the base must be a distribution on {manifold.name} (e.g. "
+            f"{manifold.example}), got {type(base).__name__} with support {base.support}"
+        )
     n = base.event_shape[0]
     for i, t in enumerate(transforms):
-        _check_features(name, i, t, n)
+        _check_transform(name, i, t, n, manifold)
     return transforms
 
 
-def _check_features(name: str, i: int, t, n: int) -> None:
+class ManifoldKind:
+    """What a chain of flows lives on: the constraint type of its support, for the checks."""
+
+    def __init__(self, constraint: type, name: str, example: str):
+        self.constraint, self.name, self.example = constraint, name, example
+
+
+def _check_transform(name: str, i: int, t, n: int, manifold: ManifoldKind | None = None) -> None:
+    label = f"{name}: transform {i} ({type(t).__name__})"
+    if not isinstance(t, Transform | ConditionalTransform):
+        raise TypeError(f"{label} is not a torch Transform or a Pyro conditional transform")
     features = (getattr(t, "in_features", n), getattr(t, "out_features", n))
     if features != (n, n):
-        raise ValueError(
-            f"{name}: transform {i} ({type(t).__name__}) maps "
-            f"{features[0]} to {features[1]} features, the base has {n}"
-        )
+        raise ValueError(f"{label} maps {features[0]} to {features[1]} features, the base has {n}")
+    domain = getattr(getattr(t, "layer", t), "domain", None)
+    if manifold is not None and isinstance(domain, _MANIFOLDS):
+        if not isinstance(domain, manifold.constraint):
+            raise ValueError(
+                f"{label} is a flow on {domain}, not on {manifold.name}: use the flows of "
+                "atlasdist.transforms.sphere on a sphere, atlasdist.transforms.simplex on a "
+                "simplex"
+            )
 
 
 def check_value(name: str, value: torch.Tensor, n: int, dist=None) -> None:
@@ -64,14 +108,23 @@ class ChainDistribution(TransformedDistribution):
 
     min_features = 1
 
+    manifold: ManifoldKind | None = None
+
     def __init__(
         self,
         base: Distribution,
         transforms: Transform | Sequence[Transform] = (),
         validate_args: bool | None = None,
     ):
-        transforms = check_chain(type(self).__name__, base, transforms, self.min_features)
+        name = type(self).__name__
+        transforms = check_chain(name, base, transforms, self.min_features, self.manifold)
         super().__init__(base, transforms, validate_args=validate_args)
+
+    def rsample(self, sample_shape=()):
+        return super().rsample(check_sample_shape(sample_shape, type(self).__name__))
+
+    def sample(self, sample_shape=()):
+        return super().sample(check_sample_shape(sample_shape, type(self).__name__))
 
     def pull_back(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         r""":math:`x = f^{-1}(y)` and :math:`-\sum_k \log R_{f_k}(x_{k-1})`, the log-density
@@ -82,6 +135,9 @@ class ChainDistribution(TransformedDistribution):
             log_prob = log_prob - t.log_abs_det_jacobian(x, y)
             y = x
         return y, log_prob
+
+
+_MANIFOLDS = (type(constraints.sphere), type(constraints.simplex))
 
 
 class ChainFlow(LazyDistribution):
@@ -108,6 +164,9 @@ class ChainFlow(LazyDistribution):
         hidden: hidden sizes of each flow's hypernetwork.
     """
 
+    min_features = 1
+    manifold: ManifoldKind | None = None
+
     def __init__(
         self,
         features: int,
@@ -117,14 +176,25 @@ class ChainFlow(LazyDistribution):
     ):
         super().__init__()
         name = type(self).__name__
-        self.features = int(features)
-        if isinstance(context_features, bool) or int(context_features) < 0:
+        self.features = check_count(features, "features", name, minimum=0)
+        if self.features < self.min_features:
+            on = f" ({self.manifold.name} in R^n)" if self.manifold is not None else ""
+            raise ValueError(
+                f"{name}: features must be >= {self.min_features}{on}, got {self.features}"
+            )
+        if isinstance(context_features, bool) or not hasattr(context_features, "__index__"):
+            raise TypeError(
+                f"{name}: context_features must be an int >= 0, got {context_features!r}"
+            )
+        if context_features < 0:
             raise ValueError(
                 f"{name}: context_features must be an int >= 0, got {context_features}"
             )
         self.context_features = int(context_features)
-        transforms = list(transforms)
+        hidden = check_sizes(hidden, "hidden", name)
+        transforms = _transform_list(name, transforms)
         for i, t in enumerate(transforms):
+            _check_transform(name, i, t, self.features, self.manifold)
             size = getattr(t, "context_features", None)
             if isinstance(t, ConditionalTransform) and not self.context_features:
                 raise ValueError(
@@ -144,7 +214,6 @@ class ChainFlow(LazyDistribution):
     def _conditional(self, i: int, t, hidden: Sequence[int]):
         if isinstance(t, ConditionalTransform) or not hasattr(type(t), "parameter_shapes"):
             return t
-        _check_features(type(self).__name__, i, t, self.features)
         # The conditional flow starts as the given one for every c: the hypernetwork's output
         # starts at the flow's raw parameters.
         initial = torch.cat([p.detach().reshape(-1) for p in t.parameters()])
@@ -169,7 +238,9 @@ class ChainFlow(LazyDistribution):
                 f"{name}: built with context_features={self.context_features}, so it models "
                 f"p(x | c): call it with c of shape (*, {self.context_features})"
             )
+        check_floating(c, name, "c", module_tensor(self))
         check_features(c, self.context_features, name, "c")
+        check_finite(c, name, "c")
         return [condition(t, c) for t in self.transforms], c.shape[:-1]
 
     def extra_repr(self) -> str:

@@ -24,9 +24,12 @@ from torch.distributions import Distribution
 
 from .._checks import (
     check_batch,
+    check_count,
     check_features,
     check_finite,
     check_floating,
+    check_parameter,
+    check_sample_shape,
     no_validation,
 )
 from ..geometry import jacobian
@@ -42,6 +45,22 @@ __all__ = [
 ]
 
 _EMPTY = torch.Size()
+
+
+def _check_options(owner: str, encoder, decoder, atol, noise_scale, chunk_size) -> None:
+    # The construction options the flow and its distribution share.
+    for name, fn in (("encoder", encoder), ("decoder", decoder)):
+        if not callable(fn):
+            raise TypeError(
+                f"{owner}: {name} must be a network (an nn.Module or a callable), got "
+                f"{type(fn).__name__}"
+            )
+    if atol is not None:
+        check_parameter(atol, "atol", owner, nonnegative=True)
+    if noise_scale is not None:
+        check_parameter(noise_scale, "noise_scale", owner, positive=True)
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size", owner)
 
 
 def decoder_log_volume(decoder, z: torch.Tensor, chunk_size: int | None = 4096) -> torch.Tensor:
@@ -168,17 +187,17 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
         batch_shape: torch.Size = _EMPTY,
         validate_args: bool | None = None,
     ):
+        name = "FreeFormInjectiveDistribution"
         d = latent_dim_of(base)
-        if not int(features) > d:
+        features = check_count(features, "features", name)
+        if not features > d:
             raise ValueError(
-                f"an injective flow needs features D > latent dimension d, got D={features}, d={d}"
+                f"{name}: an injective flow needs features D > latent dimension d, got "
+                f"D={features}, d={d}"
             )
-        if noise_scale is not None and not noise_scale > 0:
-            raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
-        if atol is not None and not atol >= 0:
-            raise ValueError(f"atol must be >= 0, got {atol}")
+        _check_options(name, encoder, decoder, atol, noise_scale, chunk_size)
         self.base, self.encoder, self.decoder = base, encoder, decoder
-        self.latent_dim, self.ambient_dim = d, int(features)
+        self.latent_dim, self.ambient_dim = d, features
         self.atol, self.noise_scale, self.chunk_size = atol, noise_scale, chunk_size
         self._like = _module_tensor(decoder, encoder)
         super().__init__(
@@ -220,7 +239,9 @@ class FreeFormInjectiveDistribution(EmbeddedDistribution):
     def rsample(self, sample_shape=_EMPTY) -> torch.Tensor:
         r"""Draws :math:`z \sim q`, :math:`x = g(z)` (plus normal noise with ``noise_scale``);
         shape ``sample_shape + batch_shape + (D,)``, pathwise in the decoder's parameters."""
-        shape = self._extended_shape(sample_shape)
+        shape = self._extended_shape(
+            check_sample_shape(sample_shape, "FreeFormInjectiveDistribution")
+        )
         n = math.prod(shape[:-1])
         if n == 0:
             return self.base.rsample((1,)).new_zeros(shape)
@@ -377,10 +398,12 @@ class FreeFormInjectiveFlow(LazyDistribution):
                 "FreeFormInjectiveFlow: pass latent_features and features (they cannot be read "
                 "from the encoder's and decoder's first layers)"
             )
+        name = "FreeFormInjectiveFlow"
+        d = check_count(d, "latent_features", name)
+        D = check_count(D, "features", name)
         if not 1 <= d < D:
             raise ValueError(f"FreeFormInjectiveFlow needs 1 <= d < D, got d={d}, D={D}")
-        if noise_scale is not None and not noise_scale > 0:
-            raise ValueError(f"noise_scale must be > 0, got {noise_scale}")
+        _check_options(name, encoder, decoder, atol, noise_scale, chunk_size)
         self.encoder, self.decoder = encoder, decoder
         self.latent_features, self.features = int(d), int(D)
         self.base = base
@@ -465,6 +488,7 @@ class FreeFormEmbedding(InjectiveTransform):
                 f"D={out_features}"
             )
         super().__init__(in_features, out_features)
+        _check_options(self.name, encoder, decoder, None, None, chunk_size)
         self.encoder, self.decoder = encoder, decoder
         self.chunk_size = chunk_size
 

@@ -26,7 +26,17 @@ from pyro.nn import ConditionalDenseNN
 from torch import nn
 from torch.distributions import Transform, constraints
 
-from .._checks import check_batch, check_features, check_finite, check_floating, model_tensor
+from .._checks import (
+    check_batch,
+    check_count,
+    check_features,
+    check_finite,
+    check_floating,
+    check_parameter,
+    check_sample_shape,
+    check_sizes,
+    model_tensor,
+)
 from ..lazy import LazyDistribution
 
 __all__ = [
@@ -137,6 +147,7 @@ class ManifoldPriorDistribution(dist.TransformedDistribution):
         return super().log_prob(value)
 
     def rsample(self, sample_shape=()):
+        sample_shape = check_sample_shape(sample_shape, type(self).__name__)
         shape = self._extended_shape(sample_shape)
         if math.prod(shape) == 0:
             return model_tensor(self).new_zeros(shape)
@@ -195,10 +206,18 @@ class ManifoldPrior(LazyDistribution):
         noise = float(noise)
         if not (math.isfinite(noise) and noise >= 0):
             raise ValueError(f"ManifoldPrior: noise must be finite and >= 0, got {noise}")
-        shape = tuple(int(b) for b in batch_shape) + (dim,)
+        batch_shape = check_sample_shape(batch_shape, "ManifoldPrior", "batch_shape")
+        shape = tuple(batch_shape) + (dim,)
         init = torch.as_tensor(init_scale, dtype=torch.get_default_dtype())
         if not bool(torch.isfinite(init).all()) or bool((init <= 0).any()):
             raise ValueError("ManifoldPrior: init_scale must be finite and > 0")
+        try:
+            torch.broadcast_shapes(init.shape, shape)
+        except RuntimeError:
+            raise ValueError(
+                f"ManifoldPrior: init_scale must be a number or broadcast to batch_shape + (dim,)"
+                f" = {shape}, got shape {tuple(init.shape)}"
+            ) from None
         self.dim, self.noise = dim, noise
         self.log_scale = nn.Parameter(init.log().expand(shape).clone())
         self.skew = nn.Parameter(torch.zeros(shape + (dim,))) if rotation else None
@@ -386,8 +405,8 @@ class ManifoldPriorFlow(LazyDistribution):
             raise ValueError(f"ManifoldPriorFlow: noise must be finite and > 0, got {noise}")
         if not (math.isfinite(scale) and scale > 0):
             raise ValueError(f"ManifoldPriorFlow: scale must be finite and > 0, got {scale}")
-        if blocks < 1:
-            raise ValueError(f"ManifoldPriorFlow: blocks must be >= 1, got {blocks}")
+        blocks = check_count(blocks, "blocks", "ManifoldPriorFlow")
+        hidden = check_sizes(hidden, "hidden", "ManifoldPriorFlow", nonempty=True)
         D, K = dim, charts
         splits = _default_splits(D) if splits is None else [int(k) for k in splits]
         if any(not 1 <= k < D for k in splits):
@@ -402,6 +421,10 @@ class ManifoldPriorFlow(LazyDistribution):
                     f"ManifoldPriorFlow: expected shape {shape}, got {tuple(value.shape)}"
                 )
             return value.to(torch.get_default_dtype()).clone()
+
+        for name, value in (("centre", centre), ("chart_centres", chart_centres)):
+            if value is not None:
+                check_parameter(value, name, "ManifoldPriorFlow")
 
         self.register_buffer("centre", table(centre, (D,), torch.zeros(D)))
         self.register_buffer("chart_centres", table(chart_centres, (K, D), torch.zeros(K, D)))
@@ -626,8 +649,11 @@ def _check_data(x, name):
         )
     if x.dim() != 2 or x.shape[0] < 2 or x.shape[1] < 1:
         raise ValueError(f"{name}: x must have shape (N, D) with N >= 2, got {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: x must be floating point, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(
+            f"{name}: x must be float32 or float64, got {x.dtype}; convert it with "
+            "x.to(torch.float64)"
+        )
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name}: x has {int((~torch.isfinite(x)).sum())} non-finite entries")
     return x

@@ -27,15 +27,18 @@ from pyro.distributions import Dirichlet
 from torch import nn
 from torch.distributions import Distribution, Transform
 
+from .._checks import check_parameter
 from ..manifolds.simplex import check_on_simplex, unit_simplex
 from ..manifolds.simplex import simplex_hausdorff_log_factor as simplex_hausdorff_log_factor
-from .chain import ChainDistribution, ChainFlow, check_value
+from .chain import ChainDistribution, ChainFlow, ManifoldKind, check_value
 
 # simplex_hausdorff_log_factor lives in atlasdist.manifolds.simplex; it stays importable from
 # here.
 __all__ = ["SimplexFlowDistribution", "SimplexFlow"]
 
 MEASURES = ("hausdorff", "lebesgue")
+
+SIMPLEX = ManifoldKind(type(unit_simplex), "the simplex Delta^(n-1)", "Dirichlet")
 
 
 class SimplexFlowDistribution(ChainDistribution):
@@ -75,6 +78,7 @@ class SimplexFlowDistribution(ChainDistribution):
     """
 
     min_features = 2
+    manifold = SIMPLEX
 
     def __init__(
         self,
@@ -149,6 +153,9 @@ class SimplexFlow(ChainFlow):
         ((5,), torch.Size([4, 5, 3]), torch.Size([5]))
     """
 
+    min_features = 2
+    manifold = SIMPLEX
+
     def __init__(
         self,
         features: int,
@@ -160,9 +167,13 @@ class SimplexFlow(ChainFlow):
         hidden: Sequence[int] = (32,),
     ):
         super().__init__(features, transforms, context_features, hidden)
+        check_parameter(concentration, "concentration", "SimplexFlow", positive=True)
         alpha = torch.as_tensor(concentration, dtype=torch.get_default_dtype())
-        if not bool((alpha > 0).all()):
-            raise ValueError("SimplexFlow: concentration must be > 0")
+        if alpha.dim() > 1 or alpha.numel() not in (1, self.features):
+            raise ValueError(
+                f"SimplexFlow: concentration must be a number or of shape ({self.features},), "
+                f"got shape {tuple(alpha.shape)}"
+            )
         self.log_concentration = nn.Parameter(alpha.log().expand(self.features).clone())
         if measure not in MEASURES:
             raise ValueError(f"SimplexFlow: measure must be one of {MEASURES}")

@@ -17,12 +17,17 @@ from pyro.distributions import ProjectedNormal, TorchDistribution
 from torch import nn
 from torch.distributions import Distribution, Transform
 
+from .._checks import check_count, check_sample_shape
 from ..manifolds.sphere import check_on_sphere, sphere_projection, unit_sphere
 from ..manifolds.sphere import log_sphere_area as log_sphere_area
-from .chain import ChainDistribution, ChainFlow, check_value
+from .chain import ChainDistribution, ChainFlow, ManifoldKind, check_value
 
 # log_sphere_area lives in atlasdist.manifolds.sphere; it stays importable from here.
 __all__ = ["UniformSphere", "SphereFlowDistribution", "SphereFlow"]
+
+SPHERE = ManifoldKind(
+    type(ProjectedNormal.support), "the unit sphere S^(n-1)", "UniformSphere or ProjectedNormal"
+)
 
 
 def _check_value(dist: Distribution, value: torch.Tensor, n: int) -> None:
@@ -63,10 +68,13 @@ class UniformSphere(TorchDistribution):
         device: torch.device | str | None = None,
         validate_args: bool | None = None,
     ):
-        if int(features) < 2:
-            raise ValueError(f"UniformSphere: features must be >= 2, got {features}")
-        self.features = int(features)
+        self.features = check_count(features, "features", "UniformSphere", minimum=2)
         self.dtype = dtype or torch.get_default_dtype()
+        if self.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"UniformSphere: dtype must be torch.float32 or torch.float64, got {self.dtype}"
+            )
+        batch_shape = check_sample_shape(batch_shape, "UniformSphere", "batch_shape")
         # None follows torch's default device (torch.set_default_device), like torch.zeros.
         self.device = torch.empty(0).device if device is None else torch.device(device)
         super().__init__(
@@ -87,7 +95,7 @@ class UniformSphere(TorchDistribution):
         return torch.zeros(self._extended_shape(), dtype=self.dtype, device=self.device)
 
     def rsample(self, sample_shape=()):
-        shape = self._extended_shape(torch.Size(sample_shape))
+        shape = self._extended_shape(check_sample_shape(sample_shape, "UniformSphere"))
         return sphere_projection(torch.randn(shape, dtype=self.dtype, device=self.device))
 
     def log_prob(self, value):
@@ -131,6 +139,9 @@ class SphereFlowDistribution(ChainDistribution):
 
     Cost: that of the flows (:math:`O(n^2)` per point each) plus the base.
     """
+
+    min_features = 2
+    manifold = SPHERE
 
     @property
     def support(self):
@@ -183,6 +194,9 @@ class SphereFlow(ChainFlow):
         >>> tuple(p.batch_shape), p.sample((4,)).shape, p.log_prob(x[:5]).shape
         ((5,), torch.Size([4, 5, 3]), torch.Size([5]))
     """
+
+    min_features = 2
+    manifold = SPHERE
 
     def __init__(
         self,
