@@ -60,16 +60,12 @@ class EventTransform(TransformModule):
         check_floating(x, self.name, "input", module_tensor(self))
         check_features(x, self.in_features, self.name)
         check_finite(x, self.name)
-        if x.numel() == 0:  # an empty batch (some Pyro layers cannot reshape zero rows)
-            return x.new_zeros(x.shape[:-1] + (self.out_features,))
         return super().__call__(x)
 
     def _inv_call(self, y):
         check_floating(y, self.name + ".inv", "input", module_tensor(self))
         check_features(y, self.out_features, self.name + ".inv")
         check_finite(y, self.name + ".inv")
-        if y.numel() == 0:
-            return y.new_zeros(y.shape[:-1] + (self.in_features,))
         return super()._inv_call(y)
 
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,17 +233,21 @@ class InjectiveCompose(InjectiveTransform):
         self.part_modules = nn.ModuleList([p for p in parts if isinstance(p, nn.Module)])
 
     def _call(self, x):
+        if x.numel() == 0:  # an empty batch: some Pyro parts cannot reshape zero rows
+            return x.new_zeros(x.shape[:-1] + (self.out_features,))
         for part in self.parts:
             x = part(x)
         return x
 
     def _inverse(self, y):
+        if y.numel() == 0:
+            return y.new_zeros(y.shape[:-1] + (self.in_features,))
         for part in reversed(self.parts):
             y = part.inv(y)
         return y
 
     def call_and_ladj(self, x):
-        if isinstance(x, torch.Tensor) and x.numel() == 0:
+        if x.numel() == 0:
             return self(x), x.new_zeros(x.shape[:-1])
         d = x.shape[-1]
         ladj, raised = 0.0, False
