@@ -198,6 +198,11 @@ def fif_loss(model: nn.Module, batch: torch.Tensor, **options) -> torch.Tensor:
     Cost: see :func:`volume_change_surrogate` (the backward pass then differentiates through
     the encoder twice).
 
+    Under a data-parallel :func:`~atlasdist.training.fit` each rank draws its probes and noise
+    from its own stream of the global torch generator (seeded by ``fit``), so the ranks'
+    estimates are independent and the averaged gradient has :math:`1/N` of one rank's
+    variance.
+
     Example:
         >>> from functools import partial
         >>> from torch import nn

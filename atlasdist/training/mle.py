@@ -152,6 +152,179 @@ class _Progress:
             print(f"fit: {message}", file=sys.stderr, flush=True)
 
 
+def _clip_and_step(model: nn.Module, optimizer, grad_clip: float | None, epoch: int) -> None:
+    if grad_clip is not None:
+        norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+        if not torch.isfinite(norm):
+            # clipping an infinite norm would turn every parameter into NaN
+            raise FloatingPointError(
+                f"fit: the gradient norm is {norm.item()} at epoch {epoch + 1}; the "
+                "parameters are left as they were before this step (try a smaller lr)"
+            )
+    optimizer.step()
+
+
+def _local_epoch(model, loader, loss_fn, optimizer, grad_clip, epoch) -> tuple[float, int]:
+    """One pass of one process over ``loader``: (sum of batch losses times sizes, points)."""
+    total, count = 0.0, 0
+    for batch in loader:
+        batch = _first(batch)
+        loss = loss_fn(model, batch)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"fit: the loss is {loss.item()}; with an exact density this usually means "
+                "data off the model's support (use noise_scale for noisy data)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        _clip_and_step(model, optimizer, grad_clip, epoch)
+        total += loss.item() * len(batch)
+        count += len(batch)
+    return total, count
+
+
+def _parallel_epoch(dp, model, loader, loss_fn, optimizer, grad_clip, epoch) -> tuple:
+    """One pass of this rank over its part of the data, in step with the other ranks.
+
+    Every rank runs the same number of steps: a rank whose batches have run out (an iterable
+    shard shorter than another rank's) or whose part of the last global batch is empty joins
+    each step's reductions with no points, until no rank has a batch left. A failure on one
+    rank (a non-finite loss, an exception in the loss or its backward pass) is counted in the
+    step's reduction, so every rank raises instead of waiting for the failed one.
+    """
+    parameters = list(model.parameters())
+    total, count = 0.0, 0.0
+    batches = iter(loader)
+    while True:
+        batch = next(batches, None)
+        batch = None if batch is None else _first(batch)
+        points = 0 if batch is None else len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        value, nonfinite, error = 0.0, False, None
+        if points:
+            try:
+                loss = loss_fn(model, batch)
+                value = loss.item()
+                nonfinite = not math.isfinite(value)
+                if not nonfinite:
+                    loss.backward()
+            except Exception as exc:  # re-raised below, once the other ranks know
+                error = exc
+        totals = dp.reduce_step(
+            parameters, points, value * points, batch is not None, (nonfinite, error is not None)
+        )
+        if error is not None:
+            raise error
+        if totals.failures[1]:
+            raise RuntimeError(
+                f"fit: the loss or its backward pass raised on {totals.failures[1]} of "
+                f"{dp.world_size} ranks at epoch {epoch + 1} (see that rank's error); rank "
+                f"{dp.rank} stops too"
+            )
+        if totals.failures[0]:
+            raise FloatingPointError(
+                f"fit: the loss is {totals.loss_sum / totals.count} on {totals.failures[0]} of "
+                f"{dp.world_size} ranks; with an exact density this usually means data off the "
+                "model's support (use noise_scale for noisy data)"
+            )
+        if not totals.active:
+            return total, count
+        if not totals.count:
+            continue
+        dp.average_gradients(parameters, points, totals)
+        _clip_and_step(model, optimizer, grad_clip, epoch)
+        total += totals.loss_sum
+        count += totals.count
+
+
+def _parallel_figures(dp, model, loss_fn, val, has_monitor_method) -> dict[str, float]:
+    """The held-out figures over all ranks' shards ``val``: means weighted by shard size."""
+    figures, error = {}, None
+    try:
+        if has_monitor_method:
+            figures = loss_fn.monitor(model, val)
+        else:
+            with torch.no_grad():
+                figures = {"val_log_prob": float(model.flow().log_prob(val).mean())}
+    except Exception as exc:  # re-raised below, once the other ranks know
+        error = exc
+    failed = dp.count_failures(error is not None)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(
+            f"fit: the held-out figures raised on {failed} of {dp.world_size} ranks (see that "
+            f"rank's error); rank {dp.rank} stops too"
+        )
+    return dp.reduce_means({k: float(v) for k, v in figures.items()}, len(val))
+
+
+def _data_parallel(distributed: bool | None):
+    if distributed is False:
+        return None
+    from .distributed import DataParallel, init_distributed
+
+    if not init_distributed():
+        if distributed:
+            raise ValueError(
+                "fit: distributed=True needs torch.distributed: launch with torchrun "
+                "--nproc_per_node=N, or call torch.distributed.init_process_group first"
+            )
+        return None
+    return DataParallel() if distributed else DataParallel.active()
+
+
+class _Batches:
+    """This rank's part of each shuffled global batch, a fresh order each pass."""
+
+    def __init__(self, dp, data: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.dp, self.data, self.batch_size, self.generator = dp, data, batch_size, generator
+
+    def __iter__(self):
+        return self.dp.batches(self.data, self.batch_size, self.generator)
+
+
+def _rng_states() -> dict:
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if cuda else None,
+    }
+
+
+def _set_rng_states(states: dict) -> None:
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+
+
+def _load_checkpoint(path, dp) -> dict | None:
+    if dp is None:
+        return torch.load(path, weights_only=False) if os.path.exists(path) else None
+    # Rank 0 reads (its file system holds the checkpoint) and sends it to the others.
+    state = None
+    if dp.rank == 0 and os.path.exists(path):
+        state = torch.load(path, weights_only=False, map_location="cpu")
+    return dp.broadcast_object(state)
+
+
+def _check_world_size(state: dict, dp, path) -> None:
+    saved, now = state.get("world_size", 1), 1 if dp is None else dp.world_size
+    if saved != now:
+        raise ValueError(
+            f"fit: the checkpoint {os.fspath(path)!r} was written by a run of {saved} "
+            f"process(es), this one has {now}: resume it with {saved} (the global batch, "
+            "processes x batch_size, and each rank's random stream depend on the number)"
+        )
+
+
+def _save_checkpoint(state: dict, path) -> None:
+    # Write then rename: a run killed while saving leaves the previous checkpoint whole.
+    path = os.fspath(path)
+    torch.save(state, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def fit(
     model: nn.Module,
     data: torch.Tensor | Iterable,
@@ -174,6 +347,7 @@ def fit(
     resume: bool = False,
     progress: bool = True,
     log_every: float = 30.0,
+    distributed: bool | None = None,
 ) -> FitHistory:
     r"""Fits ``model`` by minibatch gradient descent (Adam) on ``loss_fn`` (default: the
     negative log-likelihood :math:`-\frac{1}{B}\sum_b \log p(x_b)` of ``model.flow()``), with
@@ -200,8 +374,24 @@ def fit(
     A ``loss_fn`` with a ``set_epoch(epoch)`` method is told the epoch before each one
     (e.g. :class:`~atlasdist.training.AtlasObjective`'s schedules).
 
+    **Data-parallel** (``torchrun --nproc_per_node=N``, see ``docs/distributed.rst`` and
+    :mod:`atlasdist.training.distributed`): when torch.distributed is initialized with
+    :math:`N > 1` processes, or the process was started by torchrun (``fit`` then initializes
+    the group itself: ``nccl`` on CUDA, ``gloo`` on CPU), each rank trains on its part of
+    every global batch of :math:`N \cdot` ``batch_size`` points and the gradients are
+    averaged, weighted by points, so that one step is the step of one process on the global
+    batch (``loss_fn`` must return a mean over the batch's points, as the library's losses
+    do). The parameters are broadcast from rank 0 at the start; the held-out data are split
+    between the ranks and their figures averaged; rank 0's figures and clock decide early
+    stopping and the time budget for all; rank 0 alone writes the checkpoint and shows
+    progress. Each rank needs the same ``data`` and ``val_data`` (a tensor is sharded by
+    ``fit``; an iterable is taken as the rank's own shard, e.g. a ``DataLoader`` with a
+    ``DistributedSampler``, whose ``set_epoch`` ``fit`` calls).
+
     Cost per epoch: one pass over ``data`` (forward and backward) and one forward pass over
     ``val_data``; with ``restore_best``, a copy of the parameters at each improvement.
+    Data-parallel, per step: two ``all_reduce`` (a table of counts and flags, then the
+    gradients, one flat buffer per dtype); per epoch, two or three small collectives.
 
     Arguments:
         model: an ``nn.Module`` with ``flow()`` returning a distribution, e.g.
@@ -210,7 +400,8 @@ def fit(
             batches (e.g. a ``DataLoader``).
         epochs: the most passes over the data, a positive int (a resumed run continues up to
             this number).
-        batch_size: minibatch size for tensor data, a positive int.
+        batch_size: minibatch size for tensor data, a positive int (data-parallel: per rank,
+            so the global batch is processes :math:`\times` ``batch_size``).
         lr: Adam learning rate, positive (ignored when ``optimizer`` is given; a schedule
             then starts from the optimizer's rate).
         optimizer: an optimizer over ``model``'s parameters (default Adam).
@@ -225,14 +416,26 @@ def fit(
             finishes). Counted per call: a resumed run gets a fresh budget.
         grad_clip: gradient norm clip (``None`` for none).
         seed: seeds the run (parameter updates and shuffling): the same seed gives the same
-            history and parameters.
-        checkpoint: file written after every epoch: model, optimizer, scheduler, history,
-            epoch, random states, and the best state, best figure and patience counter.
+            history and parameters. Data-parallel: the shuffling is the same on all ranks (a
+            one-process run with the global batch shuffles alike), the global torch
+            generator of rank :math:`r` gets
+            :meth:`~atlasdist.training.distributed.DataParallel.rank_seed` (``seed`` on rank
+            0); without a seed, rank 0 draws one for all.
+        checkpoint: file written after every epoch (written whole, then renamed over the
+            last one): model, optimizer, scheduler, history, epoch, random states, and the
+            best state, best figure and patience counter.
         resume: continue from ``checkpoint`` if it exists: the run goes on exactly as if it
             had not stopped (a run that stopped early by ``patience`` stays stopped).
+            Data-parallel: rank 0 reads the checkpoint and sends it to the others; it holds
+            every rank's random state and must be resumed with as many processes.
         progress: report progress: a tqdm bar when stderr is a terminal, else one line on
             stderr every ``log_every`` seconds and one at the end (a log file stays short).
         log_every: seconds between progress lines when stderr is not a terminal.
+        distributed: ``None`` (default): data-parallel when torch.distributed is initialized
+            with more than one process or torchrun started this process; ``True``: require
+            it (any number of processes, a ``ValueError`` without a process group);
+            ``False``: this process alone, even inside a process group (e.g. one model per
+            rank).
 
     Returns:
         :class:`FitHistory`: ``loss`` (mean per epoch), ``lr`` and the held-out figures, with
@@ -250,6 +453,8 @@ def fit(
         (3, 'epochs', True)
     """
     _check_arguments(data, epochs, batch_size, lr, val_data, grad_clip, patience, time_limit)
+    if distributed not in (None, True, False):
+        raise ValueError(f"fit: distributed must be None, True or False, got {distributed!r}")
     has_monitor_method = getattr(loss_fn, "monitor", None) is not None
     if monitor is None and val_data is not None and not has_monitor_method:
         monitor = "val_log_prob"
@@ -264,9 +469,18 @@ def fit(
         mode = "max" if monitor is not None and "log_prob" in monitor else "min"
     if mode not in ("max", "min"):
         raise ValueError(f"fit: mode must be 'max' or 'min', got {mode!r}")
+    dp = _data_parallel(distributed)
     started = time.perf_counter()
     generator = torch.Generator()
-    if seed is not None:
+    if dp is not None:
+        if seed is None:
+            # one shuffling order for all ranks: rank 0's fresh seed
+            fresh = torch.tensor(generator.seed() % 2**63, dtype=torch.int64)
+            seed = int(dp.broadcast(fresh))
+        torch.manual_seed(dp.rank_seed(seed))
+        generator.manual_seed(seed)
+        dp.sync_module(model)
+    elif seed is not None:
         torch.manual_seed(seed)
         generator.manual_seed(seed)
     else:
@@ -274,11 +488,21 @@ def fit(
     optimizer = optimizer or torch.optim.Adam(model.parameters(), lr=lr)
     plateau_mode = mode if monitor is not None else "min"
     scheduler = _scheduler(schedule, optimizer, epochs, plateau_mode, patience)
-    loader = _loader(data, batch_size, generator)
+    if dp is None:
+        loader = _loader(data, batch_size, generator)
+    elif isinstance(data, torch.Tensor):
+        loader = _Batches(dp, data, batch_size, generator)
+    else:
+        loader = data  # this rank's own shard, e.g. a DataLoader with a DistributedSampler
+    if dp is not None and val_data is not None and len(val_data) >= dp.world_size:
+        local_val = dp.shard(val_data)
+    else:
+        local_val = val_data
     history = FitHistory(loss=[], lr=[])
     start, best_state, bad_epochs = 0, None, 0
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        state = torch.load(checkpoint, weights_only=False)
+    state = _load_checkpoint(checkpoint, dp) if resume and checkpoint is not None else None
+    if state is not None:
+        _check_world_size(state, dp, checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
@@ -289,47 +513,47 @@ def fit(
         history.stop_reason = state.get("stop_reason", "epochs")
         best_state, bad_epochs = state.get("best_state"), state.get("bad_epochs", 0)
         start = state["epoch"]
-        torch.set_rng_state(state["torch_rng"])
+        if dp is None:
+            torch.set_rng_state(state["torch_rng"])
+        else:
+            _set_rng_states(state["rank_rng"][dp.rank])
         generator.set_state(state["loader_rng"])
         if history.stop_reason == "patience":
             start = epochs
     history.stop_reason = "epochs" if start < epochs else history.stop_reason
-    bar = _Progress(progress, start, epochs, log_every)
+    bar = _Progress(progress and (dp is None or dp.rank == 0), start, epochs, log_every)
     epoch = start
     for epoch in range(start, epochs):
         if hasattr(loss_fn, "set_epoch"):
             loss_fn.set_epoch(epoch)
         history["lr"].append(float(optimizer.param_groups[0]["lr"]))
-        total, count = 0.0, 0
-        for batch in loader:
-            batch = _first(batch)
-            loss = loss_fn(model, batch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"fit: the loss is {loss.item()}; with an exact density this usually means "
-                    "data off the model's support (use noise_scale for noisy data)"
-                )
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                norm = nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-                if not torch.isfinite(norm):
-                    # clipping an infinite norm would turn every parameter into NaN
-                    raise FloatingPointError(
-                        f"fit: the gradient norm is {norm.item()} at epoch {epoch + 1}; the "
-                        "parameters are left as they were before this step (try a smaller lr)"
-                    )
-            optimizer.step()
-            total += loss.item() * len(batch)
-            count += len(batch)
-        history["loss"].append(total / max(count, 1))
-        postfix = {"loss": f"{history['loss'][-1]:.4f}"}
-        if val_data is not None:
+        if dp is None:
+            total, count = _local_epoch(model, loader, loss_fn, optimizer, grad_clip, epoch)
+        else:
+            sampler = getattr(loader, "sampler", None)
+            if hasattr(sampler, "set_epoch"):
+                sampler.set_epoch(epoch)
+            total, count = _parallel_epoch(dp, model, loader, loss_fn, optimizer, grad_clip, epoch)
+        epoch_loss = total / max(count, 1)
+        figures = {}
+        if val_data is not None and dp is not None:
+            figures = _parallel_figures(dp, model, loss_fn, local_val, has_monitor_method)
+        elif val_data is not None:
             if has_monitor_method:
                 figures = loss_fn.monitor(model, val_data)
             else:
                 with torch.no_grad():
                     figures = {"val_log_prob": float(model.flow().log_prob(val_data).mean())}
+        out_of_time = False
+        if dp is not None:
+            # Rank 0's figures and clock decide for all: the same best epoch, schedule and stop.
+            out_of_time = time_limit is not None and time.perf_counter() - started >= time_limit
+            agreed = dp.agree([epoch_loss, *map(float, figures.values()), float(out_of_time)])
+            epoch_loss, out_of_time = agreed[0], bool(agreed[-1])
+            figures = dict(zip(figures, agreed[1:-1], strict=True))
+        history["loss"].append(epoch_loss)
+        postfix = {"loss": f"{history['loss'][-1]:.4f}"}
+        if val_data is not None:
             for key, value in figures.items():
                 history.setdefault(key, []).append(float(value))
                 postfix[key] = f"{float(value):.4g}"
@@ -354,37 +578,41 @@ def fit(
                 scheduler.step()
         if patience is not None and bad_epochs >= patience:
             history.stop_reason = "patience"
-        elif (
-            time_limit is not None
-            and epoch + 1 < epochs
-            and time.perf_counter() - started >= time_limit
+        elif epoch + 1 < epochs and (
+            out_of_time
+            if dp is not None
+            else time_limit is not None and time.perf_counter() - started >= time_limit
         ):
             history.stop_reason = "time_limit"
         postfix["lr"] = f"{optimizer.param_groups[0]['lr']:.3g}"
         last = epoch + 1 == epochs or history.stop_reason != "epochs"
         bar.update(epoch, postfix, force=last)
         if checkpoint is not None:
-            torch.save(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "history": dict(history),
-                    "epoch": epoch + 1,
-                    "torch_rng": torch.get_rng_state(),
-                    "loader_rng": generator.get_state(),
-                    "best_state": best_state,
-                    "best": history.best,
-                    "best_epoch": history.best_epoch,
-                    "bad_epochs": bad_epochs,
-                    "stop_reason": history.stop_reason,
-                },
-                checkpoint,
-            )
+            rank_rng = None if dp is None else dp.all_gather_object(_rng_states())
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": None if scheduler is None else scheduler.state_dict(),
+                "history": dict(history),
+                "epoch": epoch + 1,
+                "torch_rng": torch.get_rng_state(),
+                "loader_rng": generator.get_state(),
+                "best_state": best_state,
+                "best": history.best,
+                "best_epoch": history.best_epoch,
+                "bad_epochs": bad_epochs,
+                "stop_reason": history.stop_reason,
+            }
+            if dp is not None:
+                state.update(rank_rng=rank_rng, world_size=dp.world_size)
+            if dp is None or dp.rank == 0:
+                _save_checkpoint(state, checkpoint)
         if history.stop_reason != "epochs":
             break
     if restore_best and best_state is not None:
         model.load_state_dict(best_state)
+    if dp is not None:
+        dp.barrier()  # rank 0's checkpoint is written when fit returns on any rank
     message = None
     if history.stop_reason != "epochs":
         message = f"stopped after epoch {epoch + 1} ({history.stop_reason})"

@@ -41,6 +41,9 @@ class AtlasObjective:
         schedule: ``"joint"`` or ``"manifold-first"``.
         manifold_epochs: length of the manifold phase.
 
+    Under a data-parallel :func:`~atlasdist.training.fit` the parameters that the manifold phase
+    leaves without a gradient keep none on every rank (no collective waits for them).
+
     Example:
         >>> objective = AtlasObjective(beta=100.0, schedule="manifold-first", manifold_epochs=5)
         >>> # fit(atlas, data, loss_fn=objective, val_data=held_out)
@@ -83,7 +86,9 @@ class AtlasObjective:
 
     @torch.no_grad()
     def monitor(self, model: nn.Module, data: torch.Tensor) -> dict[str, float]:
-        """Held-out log-likelihood of the thickened model and mean distance to the support."""
+        """Held-out log-likelihood of the thickened model and mean distance to the support:
+        means over the points of ``data``, so that a data-parallel :func:`fit` averages the
+        ranks' shards weighted by their sizes."""
         p = model.flow(noise_scale=self.noise_scale, validate_args=False)
         return {
             "val_log_prob_thickened": float(p.log_prob(data).mean()),
