@@ -4,6 +4,11 @@ Shape checks are free and always on. Value checks (NaN, domains) need a device s
 follow torch's switch: they run while ``torch.distributions.Distribution._validate_args`` is
 true (the default under ``python`` without ``-O``; ``pyro.enable_validation(False)`` or
 ``Distribution.set_default_validate_args(False)`` turns them off for speed).
+
+Construction parameters are checked once, when a user builds an object. Layers that a
+hypernetwork's output builds on every call (``from_parameters``) are built inside
+:func:`trusted_parameters`, which skips the value checks of those parameters (each would
+synchronise the device) and keeps the free shape checks.
 """
 
 from __future__ import annotations

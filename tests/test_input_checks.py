@@ -886,3 +886,18 @@ def test_layers_built_from_parameters_skip_the_value_checks(monkeypatch):
     assert Shift.from_parameters(3, {"shift": nan}).shift.isnan().all()  # documented: unchecked
     with pytest.raises(AssertionError, match="a value check ran"):
         Shift(3, shift=nan[0])  # the constructor does check
+
+
+def test_chart_helpers_name_bad_data():
+    vq, x = VQAutoencoder(3, 2), torch.randn(4, 3)
+    assert vq.encode(x[:0]).shape == (0, vq.code_dim) and vq.assign(x[:0]).shape == (0,)
+    for bad, error, match in [
+        (x.double(), ValueError, r"VQAutoencoder: data has dtype torch.float64, the model's"),
+        (x.long(), TypeError, r"VQAutoencoder: data has dtype torch.int64"),
+        (x.to("meta"), ValueError, r"VQAutoencoder: data is on meta"),
+        (torch.full((2, 3), math.nan), ValueError, r"VQAutoencoder: data holds 6 non-finite"),
+    ]:
+        with pytest.raises(error, match=match):
+            vq.encode(bad)
+    with pytest.raises(ValueError, match=r"ChartMembership: point has dtype torch.float64"):
+        ChartMembership(m=1).candidates(x.double(), torch.zeros(2, 3))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._checks import check_count, check_features, check_parameter
+from .._checks import check_count, check_features, check_floating, check_parameter
 
 __all__ = ["ChartMembership"]
 
@@ -57,6 +57,9 @@ class ChartMembership(nn.Module):
     def distances(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         r""":math:`d_k(x)` for all charts: ``x`` :math:`(*, D)`, ``centres`` :math:`(K, c)`
         :math:`\to (*, K)`."""
+        # dtype and device only (metadata): an atlas has checked its values for NaN already,
+        # and a second finiteness check here would cost a device sync per call.
+        check_floating(x, "ChartMembership", "point", centres)
         code = self.encoder(x)
         check_features(code, centres.shape[-1], "ChartMembership", "encoded point")
         return torch.cdist(code.reshape(-1, code.shape[-1]), centres).reshape(

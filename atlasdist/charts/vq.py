@@ -17,7 +17,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._checks import check_count, check_features, check_parameter, check_sizes
+from .._checks import (
+    check_count,
+    check_features,
+    check_finite,
+    check_floating,
+    check_parameter,
+    check_sizes,
+    module_tensor,
+)
 from .kmeans import kmeans
 from .membership import ChartMembership
 
@@ -82,7 +90,9 @@ class VQAutoencoder(nn.Module):
         self.commitment = commitment
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        check_floating(x, "VQAutoencoder", "data", module_tensor(self))
         check_features(x, self.D, "VQAutoencoder", "data")
+        check_finite(x, "VQAutoencoder", "data")
         return self.encoder(x)
 
     def distances(self, x: torch.Tensor) -> torch.Tensor:
