@@ -901,3 +901,16 @@ def test_chart_helpers_name_bad_data():
             vq.encode(bad)
     with pytest.raises(ValueError, match=r"ChartMembership: point has dtype torch.float64"):
         ChartMembership(m=1).candidates(x.double(), torch.zeros(2, 3))
+
+
+def test_a_float64_manifold_prior_flow_keeps_its_precision():
+    # from_data on float64 points: the frames and centres were rounded through float32
+    # (orthogonal to 5e-8 only, which the exact log-det of the frame assumes to 1e-16).
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(60, 3, generator=gen, dtype=F64) * torch.tensor([1.0, 1.0, 0.01]) + 1 / 3
+    model = ManifoldPriorFlow.from_data(x, charts=2, seed=0, hidden=(8,))
+    eye = torch.eye(3, dtype=F64)
+    assert {p.dtype for p in model.parameters()} == {F64}
+    assert float((model.frames.mT @ model.frames - eye).abs().max()) < 1e-14
+    torch.testing.assert_close(model.centre, x.mean(0), atol=0, rtol=0)
+    assert ManifoldPrior(3, init_scale=torch.full((3,), 0.1, dtype=F64))().sample().dtype == F64

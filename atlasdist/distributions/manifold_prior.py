@@ -208,7 +208,10 @@ class ManifoldPrior(LazyDistribution):
             raise ValueError(f"ManifoldPrior: noise must be finite and >= 0, got {noise}")
         batch_shape = check_sample_shape(batch_shape, "ManifoldPrior", "batch_shape")
         shape = tuple(batch_shape) + (dim,)
-        init = torch.as_tensor(init_scale, dtype=torch.get_default_dtype())
+        init = torch.as_tensor(init_scale)
+        # A float64 init_scale makes a float64 prior (no round trip through float32).
+        dtype = torch.float64 if init.dtype == torch.float64 else torch.get_default_dtype()
+        init = init.to(dtype)
         if not bool(torch.isfinite(init).all()) or bool((init <= 0).any()):
             raise ValueError("ManifoldPrior: init_scale must be finite and > 0")
         try:
@@ -220,7 +223,7 @@ class ManifoldPrior(LazyDistribution):
             ) from None
         self.dim, self.noise = dim, noise
         self.log_scale = nn.Parameter(init.log().expand(shape).clone())
-        self.skew = nn.Parameter(torch.zeros(shape + (dim,))) if rotation else None
+        self.skew = nn.Parameter(torch.zeros(shape + (dim,), dtype=dtype)) if rotation else None
 
     @property
     def batch_shape(self) -> torch.Size:
@@ -414,26 +417,34 @@ class ManifoldPriorFlow(LazyDistribution):
         self.dim, self.num_charts, self.noise, self.scale = D, K, noise, scale
         self.coupling = coupling
 
-        def table(value, shape, default):
+        # Float64 tables (from_data on float64 points) make a float64 model: cast to float32
+        # and back, frames are orthogonal to 1e-7 only and centres off by as much.
+        tables = (centre, chart_centres, frames, init_scales)
+        float64 = any(isinstance(t, torch.Tensor) and t.dtype == torch.float64 for t in tables)
+        dtype = torch.float64 if float64 else torch.get_default_dtype()
+
+        def table(value, name, shape, default):
             value = default if value is None else torch.as_tensor(value)
             if tuple(value.shape) != shape:
                 raise ValueError(
-                    f"ManifoldPriorFlow: expected shape {shape}, got {tuple(value.shape)}"
+                    f"ManifoldPriorFlow: {name}: expected shape {shape}, got {tuple(value.shape)}"
                 )
-            return value.to(torch.get_default_dtype()).clone()
+            return value.to(dtype).clone()
 
         for name, value in (("centre", centre), ("chart_centres", chart_centres)):
             if value is not None:
                 check_parameter(value, name, "ManifoldPriorFlow")
 
-        self.register_buffer("centre", table(centre, (D,), torch.zeros(D)))
-        self.register_buffer("chart_centres", table(chart_centres, (K, D), torch.zeros(K, D)))
-        frames = table(frames, (K, D, D), torch.eye(D).expand(K, D, D))
+        self.register_buffer("centre", table(centre, "centre", (D,), torch.zeros(D)))
+        self.register_buffer(
+            "chart_centres", table(chart_centres, "chart_centres", (K, D), torch.zeros(K, D))
+        )
+        frames = table(frames, "frames", (K, D, D), torch.eye(D).expand(K, D, D))
         eye = torch.eye(D, dtype=frames.dtype)
         if not torch.allclose(frames.mT @ frames, eye.expand_as(frames), atol=1e-4):
             raise ValueError("ManifoldPriorFlow: frames must be orthogonal matrices")
         self.register_buffer("frames", frames)
-        init = table(init_scales, (K, D), torch.ones(K, D))
+        init = table(init_scales, "init_scales", (K, D), torch.ones(K, D))
         self.prior = ManifoldPrior(
             D,
             batch_shape=(K,) if K > 1 else (),
@@ -446,6 +457,8 @@ class ManifoldPriorFlow(LazyDistribution):
             for _ in range(blocks)
             for k in splits
         )
+        if dtype != torch.get_default_dtype():
+            self.to(dtype)
 
     @classmethod
     def from_data(
