@@ -914,3 +914,16 @@ def test_a_float64_manifold_prior_flow_keeps_its_precision():
     assert float((model.frames.mT @ model.frames - eye).abs().max()) < 1e-14
     torch.testing.assert_close(model.centre, x.mean(0), atol=0, rtol=0)
     assert ManifoldPrior(3, init_scale=torch.full((3,), 0.1, dtype=F64))().sample().dtype == F64
+
+
+@distributions
+def test_float64_in_float64_out(name):
+    d, x = make(name)
+    assert d.log_prob(x).dtype == d.sample((2,)).dtype == F64
+
+
+@transforms
+def test_a_float64_transform_gives_float64(name):
+    f, x = make_transform(name)
+    y = f(x)
+    assert y.dtype == f.inv(y).dtype == f.log_abs_det_jacobian(x, y).dtype == F64
