@@ -150,10 +150,16 @@ class DataParallel:
     Arguments:
         group: the process group (default: the default group, which must be initialized).
 
-    Example:
+    Example (one process, a group of one; under torchrun the group is there already):
         >>> import torch.distributed as dist
-        >>> dist.is_initialized() or DataParallel.active() is None
-        True
+        >>> dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        >>> dp = DataParallel()
+        >>> dp.rank, dp.world_size, dp.rank_seed(7)
+        (0, 1, 7)
+        >>> batches = dp.batches(torch.arange(10.0), 4, torch.Generator().manual_seed(0))
+        >>> [len(batch) for batch in batches]
+        [4, 4, 2]
+        >>> dist.destroy_process_group()
     """
 
     def __init__(self, group: dist.ProcessGroup | None = None):
