@@ -118,11 +118,15 @@ def test_refuses_any_global_but_numpy_array_reconstruction(tmp_path, kind):
     [
         (lambda d: ((d[0][0] + np.float32(0.001), d[0][1]), d[1], d[2]), "k / 256"),
         (lambda d: ((d[0][0] * 2, d[0][1]), d[1], d[2]), "k / 256"),
+        (lambda d: ((d[0][0] - 1 / 256, d[0][1]), d[1], d[2]), "k / 256"),
+        (lambda d: ((np.where(d[0][0] > 0.5, np.nan, d[0][0]), d[0][1]), d[1], d[2]), "k / 256"),
         (lambda d: ((d[0][0][:, :700], d[0][1]), d[1], d[2]), "shape"),
         (lambda d: ((d[0][0].astype(np.float64), d[0][1]), d[1], d[2]), "float32"),
         (lambda d: ((d[0][0], d[0][1] + 10), d[1], d[2]), "labels in 0..9"),
         (lambda d: ((d[0][0], d[0][1][:-1]), d[1], d[2]), "labels of shape"),
         (lambda d: (d[0], d[1]), r"\(train_x, train_y\)"),
+        (lambda d: (d[0], d[1], d[2][0]), r"\(train_x, train_y\)"),
+        (lambda d: [d[0], d[1], d[2]], r"\(train_x, train_y\)"),
     ],
 )
 def test_rejects_a_file_that_is_not_exact_mnist(tmp_path, corrupt, match):

