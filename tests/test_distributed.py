@@ -42,6 +42,11 @@ def circle_data(n, seed, mean=1.0, noise=0.0):
 ATLAS_DATA, ATLAS_VAL = circle_data(203, 0), circle_data(101, 1, mean=-2.0)
 ATLAS_ARGS = dict(epochs=12, lr=2e-2, patience=2, schedule="plateau", seed=5, val_data=ATLAS_VAL)
 
+# Iterables are each rank's own shard, here of unequal lengths (rank 0: 3 batches, rank 1: 2):
+# rank 1 joins the last step with no points.
+SHARDS = [[slice(0, 16), slice(16, 32), slice(32, 40)], [slice(40, 56), slice(56, 60)]]
+SHARD_ARGS = dict(epochs=3, lr=2e-2, seed=2)
+
 FIF_DATA = circle_data(203, 2, noise=0.05)
 FIF_ARGS = dict(epochs=4, lr=1e-2, seed=3, loss_fn=partial(fif_loss, beta=10.0, noise=0.01))
 
@@ -125,6 +130,10 @@ def _worker(rank, init_method, out):
         h = fit(atlas, OBJECTIVE_DATA, batch_size=BATCH, **objective_args())
         saved["objective"] = result(atlas, h)
 
+        atlas = A.circle(0, scale=0.1)
+        shard = [ATLAS_DATA[part] for part in SHARDS[rank]]
+        saved["shards"] = result(atlas, fit(atlas, shard, **SHARD_ARGS))
+
         model = fif_model(rank)
         h = fit(model, FIF_DATA, batch_size=BATCH, checkpoint=f"{out}/whole.pt", **FIF_ARGS)
         saved["fif_whole"] = result(model, h)
@@ -174,7 +183,7 @@ def assert_close_to_one_process(saved, model, history, rel=1e-9, atol=1e-12):
         torch.testing.assert_close(saved["state"][key], value, rtol=rel, atol=atol)
 
 
-@pytest.mark.parametrize("scenario", ["atlas", "objective", "fif_whole", "fif_resumed"])
+@pytest.mark.parametrize("scenario", ["atlas", "objective", "shards", "fif_whole", "fif_resumed"])
 def test_ranks_end_with_identical_parameters_and_histories(ranks, scenario):
     _, saved = ranks
     first, second = saved[0][scenario], saved[1][scenario]
@@ -190,6 +199,17 @@ def test_two_processes_match_one_process_with_twice_the_batch(ranks):
     # Early stopping ran out of patience, and decided it on both ranks at the same epoch.
     assert history.stop_reason == "patience" and len(history["loss"]) < ATLAS_ARGS["epochs"]
     assert_close_to_one_process(saved[0]["atlas"], model, history)
+
+
+def test_uneven_iterable_shards_step_like_one_process_on_their_union(ranks):
+    """Each step's global batch is the union of the ranks' batches; when rank 1's shard has run
+    out, rank 0's last batch alone makes the step."""
+    _, saved = ranks
+    first, second = ([ATLAS_DATA[part] for part in parts] for parts in SHARDS)
+    union = [torch.cat([a, b]) for a, b in zip(first, second, strict=False)] + first[2:]
+    model = A.circle(0, scale=0.1)
+    history = fit(model, union, progress=False, **SHARD_ARGS)
+    assert_close_to_one_process(saved[0]["shards"], model, history)
 
 
 class ReversedBatches:
