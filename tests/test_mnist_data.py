@@ -297,6 +297,16 @@ def test_logit_transform_rejects_bad_alpha(alpha):
         datasets.LogitTransform(alpha)
 
 
+@pytest.mark.parametrize("bad", [-1e-7, 1.0 + 1e-6, float("nan")])
+def test_logit_transform_rejects_pixels_outside_the_unit_interval(bad):
+    t = datasets.LogitTransform()
+    x = torch.tensor([[0.5, bad]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"LogitTransform: x must lie in \[0, 1\]"):
+        t(x)
+    with pytest.raises(ValueError, match=r"LogitTransform: x must lie in \[0, 1\]"):
+        t.log_abs_det_jacobian(x, torch.zeros_like(x))
+
+
 def test_logit_transform_cache_and_equality():
     t = datasets.LogitTransform(0.05)
     assert t.with_cache(1) == t and t.with_cache(1)._cache_size == 1

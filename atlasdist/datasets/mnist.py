@@ -357,6 +357,12 @@ class LogitTransform(Transform):
         return self.forward_shape(shape)
 
     def _log_s_and_1ms(self, x):
+        if not bool(((x >= 0) & (x <= 1)).all()):
+            raise ValueError(
+                f"LogitTransform: x must lie in [0, 1] (dequantized pixels), got values in "
+                f"[{x.min().item()}, {x.max().item()}]; dequantize images k / 256 with "
+                f"datasets.dequantize, or clamp x to [0, 1]"
+            )
         a = self.alpha
         return torch.log(a + (1 - 2 * a) * x), torch.log(a + (1 - 2 * a) * (1 - x))
 
