@@ -130,6 +130,11 @@ def _worker(rank, init_method, out):
         h = fit(atlas, OBJECTIVE_DATA, batch_size=BATCH, **objective_args())
         saved["objective"] = result(atlas, h)
 
+        try:  # a tensor that differs between ranks (each rank's own shard, by mistake)
+            fit(A.circle(0), ATLAS_DATA[rank::2], epochs=1, progress=False)
+        except ValueError as exc:
+            saved["different_data"] = str(exc)
+
         atlas = A.circle(0, scale=0.1)
         shard = [ATLAS_DATA[part] for part in SHARDS[rank]]
         saved["shards"] = result(atlas, fit(atlas, shard, **SHARD_ARGS))
@@ -210,6 +215,14 @@ def test_uneven_iterable_shards_step_like_one_process_on_their_union(ranks):
     model = A.circle(0, scale=0.1)
     history = fit(model, union, progress=False, **SHARD_ARGS)
     assert_close_to_one_process(saved[0]["shards"], model, history)
+
+
+def test_a_tensor_that_differs_between_ranks_is_refused_on_every_rank(ranks):
+    _, saved = ranks
+    for rank in range(WORLD):
+        message = saved[rank]["different_data"]
+        assert "data must be the same tensor on every rank" in message
+        assert "1 of 2 ranks" in message and "DistributedSampler" in message
 
 
 class ReversedBatches:

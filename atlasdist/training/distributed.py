@@ -29,6 +29,7 @@ decided identically everywhere.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -234,6 +235,26 @@ class DataParallel:
             tensor.copy_(self.broadcast(tensor.detach()))
 
     # -- data -------------------------------------------------------------------------------
+
+    def check_same(self, tensor: torch.Tensor, name: str) -> None:
+        """Raises a ``ValueError`` on every rank unless ``tensor`` has the same length and sum
+        on every rank (``fit`` shards a tensor itself, so each rank must hold all of it)."""
+        local = [float(len(tensor)), float(tensor.detach().double().sum())]
+        first = self.broadcast(torch.tensor(local, dtype=torch.float64)).tolist()
+        same = local[0] == first[0] and (
+            local[1] == first[1]
+            or (math.isnan(local[1]) and math.isnan(first[1]))
+            or math.isclose(local[1], first[1], rel_tol=1e-9)
+        )
+        failed = self.count_failures(not same)
+        if failed:
+            raise ValueError(
+                f"fit: {name} must be the same tensor on every rank (fit shards it itself); "
+                f"{failed} of {self.world_size} ranks hold another one (rank {self.rank}: "
+                f"{int(local[0])} points summing to {local[1]:.6g}; rank 0: {int(first[0])} "
+                f"summing to {first[1]:.6g}). To give each rank its own part, pass an iterable "
+                "of batches instead, e.g. a DataLoader with a DistributedSampler"
+            )
 
     def shard(self, data: torch.Tensor) -> torch.Tensor:
         """This rank's contiguous part of ``data`` :math:`(N, \\dots)`:

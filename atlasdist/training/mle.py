@@ -491,9 +491,12 @@ def fit(
     if dp is None:
         loader = _loader(data, batch_size, generator)
     elif isinstance(data, torch.Tensor):
+        dp.check_same(data, "data")
         loader = _Batches(dp, data, batch_size, generator)
     else:
         loader = data  # this rank's own shard, e.g. a DataLoader with a DistributedSampler
+    if dp is not None and val_data is not None:
+        dp.check_same(val_data, "val_data")
     if dp is not None and val_data is not None and len(val_data) >= dp.world_size:
         local_val = dp.shard(val_data)
     else:
