@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.distributions import Distribution
 
-from ._checks import check_features, check_parameter
+from ._checks import check_count, check_features, check_parameter, check_sizes
 from .charts import ChartMembership
 from .charts.specs import (
     ChartSpec,
@@ -142,11 +142,20 @@ class AtlasFlow(LazyDistribution):
         D, d = operator.index(D), operator.index(d)
         if not 1 <= d < D:
             raise ValueError(f"AtlasFlow needs 1 <= d < D, got d={d}, D={D}")
+        layers = check_count(layers, "layers", "AtlasFlow", minimum=0)
+        hidden = check_sizes(hidden, "hidden", "AtlasFlow", nonempty=True)
+        count_bins = check_count(count_bins, "count_bins", "AtlasFlow")
+        code_features = check_count(code_features, "code_features", "AtlasFlow")
         stack = None
-        if isinstance(charts, int):
+        if isinstance(charts, int) and not isinstance(charts, bool):
             if charts < 1:
                 raise ValueError(f"AtlasFlow needs at least one chart, got {charts}")
             num_charts = charts
+        elif not isinstance(charts, ChartSpec | ChartStack | Sequence):
+            raise TypeError(
+                "AtlasFlow: charts must be the number of charts (an int) or chart specs (a "
+                f"ChartSpec or a sequence of them), got {charts!r}"
+            )
         else:
             if embedding is not None:
                 raise ValueError("AtlasFlow: give chart specs or an embedding, not both")
@@ -175,7 +184,13 @@ class AtlasFlow(LazyDistribution):
             self.register_buffer("centres", centres.clone())
         if context is not None:
             check_parameter(context, "context", "AtlasFlow")
-            self.register_buffer("context", torch.as_tensor(context).clone())
+            context = torch.as_tensor(context)
+            if context.dim() != 2 or context.shape[0] != num_charts:
+                raise ValueError(
+                    f"AtlasFlow: context must have shape ({num_charts}, f), one row of "
+                    f"features per chart, got {tuple(context.shape)}"
+                )
+            self.register_buffer("context", context.clone())
         else:
             self.context = None
         chart_features = (centres if context is None else self.context).shape[-1]

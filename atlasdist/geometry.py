@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch.func import jacfwd, jvp, vmap
 
-from ._checks import no_validation
+from ._checks import check_count, check_floating, no_validation
 
 __all__ = [
     "jacobian",
@@ -48,6 +48,7 @@ def jacobian(
     Returns:
         :math:`J` of shape :math:`(*, D, d)`.
     """
+    check_floating(x, "jacobian", "x")
     batch = x.shape[:-1]
     flat = x.reshape(-1, x.shape[-1])
     with no_validation():
@@ -142,6 +143,12 @@ def tangent_frame(
     Returns:
         :math:`T_x` of shape :math:`(*, n, m)` with :math:`T_x^\top T_x = I_m`.
     """
+    check_floating(x, "tangent_frame", "x")
+    dim = check_count(dim, "dim", "tangent_frame")
+    if dim > x.shape[-1]:
+        raise ValueError(
+            f"tangent_frame: dim must be at most the ambient dimension {x.shape[-1]}, got {dim}"
+        )
     proj = jacobian(projection, x, chunk_size)
     u, _, _ = torch.linalg.svd(proj)
     return u[..., :dim]

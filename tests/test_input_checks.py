@@ -261,10 +261,6 @@ def test_a_negative_or_fractional_sample_shape_is_named(name):
     cls = type(d).__name__
     with pytest.raises(ValueError, match=rf"{cls}: sample_shape must not be negative"):
         d.sample((-1,))
-    if cls == "AtlasFlowDistribution":
-        # atlasdist/distributions/atlas.py does not use check_sample_shape yet: torch's own
-        # TypeError ("torch.Size() takes an iterable of 'int'") names no class.
-        pytest.xfail("AtlasFlowDistribution.rsample_with_charts: use _checks.check_sample_shape")
     with pytest.raises(TypeError, match=rf"{cls}: sample_shape must be a tuple of ints"):
         d.sample((1.5,))
 
@@ -317,6 +313,17 @@ BAD_PARAMETERS = [
         r"AtlasFlowDistribution: sample_shape must not be negative",
     ),
     (lambda: AtlasFlow(3, 3, 2), ValueError, r"AtlasFlow needs 1 <= d < D"),
+    (lambda: AtlasFlow(3, 2, 1.5), TypeError, r"AtlasFlow: charts must be the number of charts"),
+    (lambda: AtlasFlow(3, 2, 2, layers=-1), ValueError, r"AtlasFlow: layers must be >= 0"),
+    (lambda: AtlasFlow(3, 2, 2, layers=1.5), TypeError, r"AtlasFlow: layers must be an int"),
+    (lambda: AtlasFlow(3, 2, 2, hidden=[]), ValueError, r"AtlasFlow: hidden needs at least one"),
+    (lambda: AtlasFlow(3, 2, 2, count_bins=2.0), TypeError, r"AtlasFlow: count_bins must be an"),
+    (lambda: AtlasFlow(3, 2, 2, code_features=0), ValueError, r"AtlasFlow: code_features must"),
+    (
+        lambda: AtlasFlow(3, 2, 2, context=torch.zeros(3, 2)),
+        ValueError,
+        r"AtlasFlow: context must have shape \(2, f\)",
+    ),
     (
         lambda: AtlasFlow(3, 2, 2, centres=torch.full((2, 3), math.inf)),
         ValueError,

@@ -19,6 +19,7 @@ from .._checks import (
     check_features,
     check_floating,
     check_parameter,
+    check_sample_shape,
     no_validation,
     validation_enabled,
 )
@@ -245,12 +246,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
     def rsample_with_charts(self, sample_shape=_EMPTY):
         r"""Draws :math:`k \sim \pi`, :math:`z \sim q`, :math:`x = g_k(z)`; returns
         ``(x, k)`` of shapes ``sample_shape + batch_shape + (D,)`` and ``... + ()``."""
-        shape = self._extended_shape(sample_shape)
-        if any(s < 0 for s in shape):
-            raise ValueError(
-                "AtlasFlowDistribution: sample_shape must not be negative, got "
-                f"{tuple(sample_shape)}"
-            )
+        shape = self._extended_shape(check_sample_shape(sample_shape, "AtlasFlowDistribution"))
         n = math.prod(shape[:-1])
         if n == 0:  # an empty sample
             x = self.logits.new_zeros(shape)
