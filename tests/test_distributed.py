@@ -7,6 +7,7 @@ cost); the tests below compare what each rank saved with one-process runs made h
 """
 
 import doctest
+import time
 from functools import partial
 
 import _atlases as A
@@ -27,6 +28,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 WORLD = 2
+HANG_SECONDS = 300
 BATCH = 16  # per rank; the one-process reference uses WORLD * BATCH
 
 
@@ -166,7 +168,15 @@ def _worker(rank, init_method, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(f"file://{out}/rendezvous", str(out)), nprocs=WORLD, join=True)
+    context = mp.spawn(
+        _worker, args=(f"file://{out}/rendezvous", str(out)), nprocs=WORLD, join=False
+    )
+    started = time.monotonic()
+    while not context.join(timeout=1.0):
+        if time.monotonic() - started > HANG_SECONDS:  # a hang is a failure, not a stuck CI
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {WORLD} processes did not finish in {HANG_SECONDS} s (a hang?)")
     return out, [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
 
 
