@@ -330,38 +330,47 @@ def run_seed(cfg: Config, seed: int, models, reference, device, bar) -> dict:
             )  # fmt: skip
             train_seconds += s
         loss_fn = AtlasObjective(cfg.beta) if name.startswith("atlas") else None
-        epoch = 0
+        epoch, trained_epochs, stopped, nonfinite = 0, 0, None, 0
         while epoch < cfg.epochs:
             chunk = min(cfg.eval_every, cfg.epochs - epoch)
-            points = model.prepare(x, gen)  # fresh dequantization noise for every chunk
-            options = {} if loss_fn is None else {"loss_fn": loss_fn}
-            history, s = _timed_fit(
-                model, points, epochs=chunk, batch_size=cfg.batch_size, optimizer=optimizer,
-                seed=seed + epoch, **options,
-            )  # fmt: skip
-            train_seconds += s
+            if stopped is None:
+                points = model.prepare(x, gen)  # fresh dequantization noise for every chunk
+                options = {} if loss_fn is None else {"loss_fn": loss_fn}
+                try:
+                    history, s = _timed_fit(
+                        model, points, epochs=chunk, batch_size=cfg.batch_size,
+                        optimizer=optimizer, seed=seed + epoch, **options,
+                    )  # fmt: skip
+                    train_seconds += s
+                    trained_epochs += chunk
+                    loss = f"loss {history['loss'][-1]:.4g}"
+                except FloatingPointError as err:
+                    # fit leaves the parameters of the last finite step: keep scoring them
+                    stopped, loss = epoch, f"stopped: {err}"
             epoch += chunk
             model.eval()
             samples = model.sample_images(cfg.samples)
-            score = mnist_metrics.score(classifier, samples, test_features)
+            finite = samples.isfinite().all(-1)
+            nonfinite = int((~finite).sum())  # diverged draws (seen with the plain MAF)
+            score = mnist_metrics.score(classifier, samples[finite], test_features)
             curve["epoch"].append(epoch)
             curve["step"].append(epoch * steps_per_epoch)
             curve["fid"].append(score["fid"])
             curve["entropy"].append(score["class_entropy"])
             curve["confidence"].append(score["mean_confidence"])
             curve["train_seconds"].append(train_seconds)
-            bar.set_postfix_str(
-                f"{name} epoch {epoch}: FID {score['fid']:.2f}, loss {history['loss'][-1]:.4g}"
-            )
+            bar.set_postfix_str(f"{name} epoch {epoch}: FID {score['fid']:.2f}, {loss}")
             bar.update(1)
+        epochs_run = trained_epochs + (cfg.manifold_epochs if name.startswith("atlas") else 0)
         final = {
             "fid": curve["fid"][-1],
             "entropy": curve["entropy"][-1],
             "confidence": curve["confidence"][-1],
-            "seconds_per_epoch": train_seconds
-            / (cfg.epochs + (cfg.manifold_epochs if name.startswith("atlas") else 0)),
+            "seconds_per_epoch": train_seconds / max(epochs_run, 1),
             "setup_seconds": setup,
-            "samples": samples[:64].cpu(),
+            "samples": samples[finite][:64].cpu(),
+            "nonfinite_samples": nonfinite,
+            "stopped_at_epoch": stopped,
         }
         with torch.no_grad():
             if name.startswith("atlas"):
@@ -389,10 +398,9 @@ def _mean_std(values) -> tuple[float, float]:
 
 
 def _fmt(values, digits=2) -> str:
+    values = list(values)
     mean, std = _mean_std(values)
-    return (
-        f"{mean:.{digits}f} ± {std:.{digits}f}" if len(list(values)) > 1 else f"{mean:.{digits}f}"
-    )
+    return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def table(results: dict, cfg: Config, models, seeds, wall: float, accuracy: float, device) -> str:
@@ -423,6 +431,19 @@ def table(results: dict, cfg: Config, models, seeds, wall: float, accuracy: floa
             _fmt((f["test_distance"] for f in finals), 2) if "test_distance" in finals[0] else "",
         ]
         lines.append("| " + " | ".join(row) + " |")
+    for s in seeds:
+        for name in models:
+            f = results[s][name]["final"]
+            if f.get("stopped_at_epoch") is not None:
+                lines.append(
+                    f"\n{name}, seed {s}: a non-finite gradient stopped its training after "
+                    f"epoch {f['stopped_at_epoch']}; later scores are of those parameters."
+                )
+            if f.get("nonfinite_samples"):
+                lines.append(
+                    f"\n{name}, seed {s}: {f['nonfinite_samples']} of {cfg.samples} final "
+                    "samples were not finite (diverged draws); the scores leave them out."
+                )
     lines += ["", "FID across training (mean ± std over seeds):", ""]
     epochs = results[seeds[0]][models[0]]["curve"]["epoch"]
     lines.append("| model | " + " | ".join(f"epoch {e}" for e in epochs) + " |")
@@ -455,7 +476,8 @@ def plot_fid(results: dict, models, seeds, path: str) -> None:
         ax.set_xlabel("training step (minibatches)")
         ax.set_ylabel("FID (classifier features)")
         ax.set_yscale("log")
-        ax.set_title(f"({letter}) {pair[0].upper()}: plain vs atlas")
+        title = {"realnvp": "RealNVP", "maf": "MAF"}[pair[0].removeprefix("atlas-")]
+        ax.set_title(f"({letter}) {title}: plain flow vs its atlas counterpart")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -539,7 +561,16 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="*", choices=MODELS, default=list(MODELS))
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--prefix", default=None, help="output path prefix")
-    for field in ("train", "epochs", "eval_every", "samples", "d", "charts", "hidden"):
+    for field in (
+        "train",
+        "epochs",
+        "eval_every",
+        "samples",
+        "d",
+        "charts",
+        "hidden",
+        "vq_epochs",
+    ):
         parser.add_argument(f"--{field.replace('_', '-')}", type=int, default=None)
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick or args.sweep else Config()
