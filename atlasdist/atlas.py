@@ -334,8 +334,9 @@ class AtlasFlow(LazyDistribution):
             codebook = vq.codebook.detach().clone()
             labels = vq.assign(data)
             means = vq.decoder(codebook).to(data.dtype)
-            frames = torch.linalg.qr(torch.randn(K, D, d, dtype=data.dtype)).Q
-            spread = torch.full((K,), float(data.std(0).mean()), dtype=data.dtype)
+            like = {"dtype": data.dtype, "device": data.device}
+            frames = torch.linalg.qr(torch.randn(K, D, d, **like)).Q
+            spread = torch.full((K,), float(data.std(0).mean()), **like)
             counts = torch.bincount(labels, minlength=K)
             for k in range(K):  # initialisation only
                 xk = data[labels == k]
@@ -351,7 +352,7 @@ class AtlasFlow(LazyDistribution):
             charts,
             centres=codebook,
             learn_centres=False,
-            context=torch.cat([torch.eye(K, dtype=data.dtype), codebook.to(data.dtype)], -1),
+            context=torch.cat([torch.eye(K, **like), codebook.to(**like)], -1),
             membership=vq.membership(m=m, eps=eps, cap=cap),
             **kwargs,
         )

@@ -304,7 +304,9 @@ def run_seed(cfg: Config, seed: int, models, reference, device, bar) -> dict:
     vq, vq_seconds = None, 0.0
     for name in models:
         torch.manual_seed(seed)
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator().manual_seed(seed)  # permutations (built on the CPU)
+        # dequantization noise is drawn where the data live (on the CPU: the same generator)
+        noise = gen if x.device.type == "cpu" else torch.Generator(x.device).manual_seed(seed)
         if name.startswith("atlas"):
             if vq is None:
                 vq = image_autoencoder(cfg).to(device)
@@ -323,7 +325,7 @@ def run_seed(cfg: Config, seed: int, models, reference, device, bar) -> dict:
         train_seconds = 0.0
         if name.startswith("atlas") and cfg.manifold_epochs:
             objective = AtlasObjective(cfg.beta, "manifold-first", cfg.manifold_epochs)
-            points = model.prepare(x, gen)
+            points = model.prepare(x, noise)
             _, s = _timed_fit(
                 model, points, epochs=cfg.manifold_epochs, batch_size=cfg.batch_size,
                 optimizer=optimizer, loss_fn=objective, seed=seed,
@@ -334,7 +336,7 @@ def run_seed(cfg: Config, seed: int, models, reference, device, bar) -> dict:
         while epoch < cfg.epochs:
             chunk = min(cfg.eval_every, cfg.epochs - epoch)
             if stopped is None:
-                points = model.prepare(x, gen)  # fresh dequantization noise for every chunk
+                points = model.prepare(x, noise)  # fresh dequantization noise for every chunk
                 options = {} if loss_fn is None else {"loss_fn": loss_fn}
                 try:
                     history, s = _timed_fit(
@@ -382,7 +384,7 @@ def run_seed(cfg: Config, seed: int, models, reference, device, bar) -> dict:
                 )
             else:
                 lp = torch.cat(
-                    [model.log_prob_pixels(dequantize(t, gen)) for t in test_images.split(1000)]
+                    [model.log_prob_pixels(dequantize(t, noise)) for t in test_images.split(1000)]
                 )
                 final["test_bpd"] = float(8 - lp.mean() / (PIXELS * math.log(2)))
         out[name] = {"curve": curve, "final": final}
