@@ -189,11 +189,15 @@ def check_floating(x, owner: str, what: str = "value", like: torch.Tensor | None
             f"{owner}: {what} must be a torch.Tensor, got {type(x).__name__}; convert it with "
             "torch.as_tensor(...)"
         )
-    target = like.dtype if like is not None else torch.get_default_dtype()
     if x.dtype not in (torch.float32, torch.float64):
+        target, whose = (
+            (like.dtype, "this model")
+            if like is not None
+            else (torch.get_default_dtype(), "torch's default")
+        )
         raise TypeError(
             f"{owner}: {what} has dtype {x.dtype}; the library computes in float32 or float64 "
-            f"(this model: {target}): convert it with {what}.to({target})"
+            f"({whose}: {target}): convert it with {what}.to({target})"
         )
     if like is None:
         return
