@@ -249,6 +249,47 @@ def test_only_the_candidate_charts_are_evaluated():
     assert hypernet_rows and set(hypernet_rows) == {64}
 
 
+def _distinct_chart_atlas(seed: int) -> AtlasFlow:
+    """Four learned charts with distinct images (2-spheres of different centres, radii and
+    orientations in R^3) and random flows; every chart a candidate."""
+    atlas = AtlasFlow(3, 2, 4, hidden=(8,), layers=1, membership=ChartMembership(m=4)).double()
+    A.randomize_flows(atlas, seed, 0.2)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for prm in atlas.charts.parameters():
+            prm.add_(0.5 * torch.randn(prm.shape, generator=gen, dtype=prm.dtype))
+    return atlas
+
+
+@given(seeds)
+@settings(max_examples=5)
+def test_latent_flows_run_only_on_pairs_whose_point_is_on_the_chart_image(seed):
+    """log_prob runs the latent flows on the (point, candidate) pairs whose point lies on the
+    candidate's image only (the others carry no density); value and gradients equal those of
+    evaluating every pair."""
+    atlas = _distinct_chart_atlas(seed)
+    p = atlas.flow()
+    torch.manual_seed(seed)
+    x = torch.cat([p.sample((40,)), torch.randn(5, 3, dtype=torch.float64)])
+    rows = []
+    latent = p._latent_log_prob
+    p._latent_log_prob = lambda u, flows: rows.append(u.shape[0]) or latent(u, flows)
+    p._validate_args = False  # the 5 random points are off the support
+    lp = p.log_prob(x)
+    assert len(rows) == 1 and 40 <= rows[0] < 45 * 4
+    pairs = p._pairs(x, torch.Size([45]))
+    reference = pairs["log_joint"].masked_fill(~pairs["on_image"], -math.inf).logsumexp(-1)
+    assert torch.isfinite(lp[:40]).all() and torch.isneginf(lp[40:]).all()
+    assert torch.equal(lp, reference)
+    params = [prm for prm in atlas.parameters() if prm.requires_grad]
+    grads = torch.autograd.grad(lp[:40].sum(), params, allow_unused=True)
+    expected = torch.autograd.grad(reference[:40].sum(), params, allow_unused=True)
+    for g, e in zip(grads, expected, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, rtol=1e-12, atol=1e-12)
+
+
 def test_missed_mass_is_zero_when_every_chart_is_a_candidate():
     assert float(A.circle(0).flow().missed_mass(2000)) == 0.0
     atlas = AtlasFlow(3, 2, 8, membership=ChartMembership(m=1))

@@ -219,10 +219,19 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         :math:`(N, e)`) gives transforms acting on :math:`(N, \cdot)`. Per-chart quantities
         are computed once for the :math:`K` charts and gathered by ``charts``.
         """
-        features = self.context if self.chart_code is None else self.chart_code(self.context)
+        features = self._chart_features()
+        return self._latent_flows(features, charts, inputs), self._embedding(features, charts)
+
+    def _chart_features(self) -> torch.Tensor:
+        # The features that condition the flows and charts, (K, f): once per call.
+        return self.context if self.chart_code is None else self.chart_code(self.context)
+
+    def _latent_flows(self, features, charts, inputs):
         ctx = ChartContext(features, charts, inputs)
-        flows = [condition(part, ctx) for part in self.flows]
-        return flows, self.charts.embedding(ctx.chart_only())
+        return [condition(part, ctx) for part in self.flows]
+
+    def _embedding(self, features, charts):
+        return self.charts.embedding(ChartContext(features, charts))
 
     # -- sampling ------------------------------------------------------------------------
 
@@ -296,9 +305,15 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             z = previous
         return z, self.base.log_prob(z) - log_det
 
-    def _pairs(self, x: torch.Tensor, shape: torch.Size):
+    def _pairs(self, x: torch.Tensor, shape: torch.Size, on_image_only: bool = False):
         """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D), a batch of
-        shape ``shape``, in one batched pass; returns per-pair tensors of shape (N, C, ...)."""
+        shape ``shape``, in one batched pass; returns per-pair tensors of shape (N, C, ...).
+
+        With ``on_image_only`` the latent flows run only on the pairs whose point lies in the
+        chart's region and on its image (the embedding decides that, for every pair, before
+        any latent flow runs); the other pairs, which carry no density, get ``z`` NaN and
+        ``log_joint`` -inf. The exact density is the same; a point on one chart's image costs
+        one latent-flow pass instead of one per candidate."""
         charts, region = self.membership.candidates(x, self.centres)
         n, c = charts.shape
         if n == 0:  # an empty batch (Pyro's couplings cannot reshape zero rows)
@@ -315,7 +330,9 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         log_weights, inputs = self._conditioning(shape)
         if inputs is not None:
             inputs = inputs.repeat_interleave(c, 0)
-        flows, emb = self.chart_maps(charts.reshape(-1), inputs)
+        flat_charts = charts.reshape(-1)
+        features = self._chart_features()
+        emb = self._embedding(features, flat_charts)
         # Points outside a chart's domain (a stereographic pole, a Möbius pole) are not on
         # that chart's image: the atlas decides membership itself, so layer checks are off.
         with no_validation():
@@ -329,11 +346,29 @@ class AtlasFlowDistribution(EmbeddedDistribution):
                 anchor = emb(torch.zeros_like(u)).detach()
                 u = emb.inv(torch.where(defined.unsqueeze(-1), xs, anchor))
             recon, ladj_embedding = emb.call_and_ladj(u)
-            z, log_latent = self._latent_log_prob(u, flows)
-            log_chart = (log_latent - ladj_embedding).masked_fill(~defined, -math.inf)
         error = (recon - xs).norm(dim=-1)
         if not all_defined:
             error = error.masked_fill(~defined, math.inf)
+        near = region.reshape(-1) & (error <= self._tolerance(xs))
+        with no_validation():
+            if on_image_only and not bool(near.all()):
+                keep = near.nonzero().squeeze(-1)
+                z = u.new_full(u.shape[:-1] + (self.latent_dim,), math.nan)
+                log_latent = u.new_full(u.shape[:-1], -math.inf)
+                if keep.numel():
+                    flows = self._latent_flows(
+                        features,
+                        flat_charts.index_select(0, keep),
+                        None if inputs is None else inputs.index_select(0, keep),
+                    )
+                    z_kept, log_kept = self._latent_log_prob(u.index_select(0, keep), flows)
+                    z = z.index_copy(0, keep, z_kept)
+                    log_latent = log_latent.index_copy(0, keep, log_kept)
+            else:
+                flows = self._latent_flows(features, flat_charts, inputs)
+                z, log_latent = self._latent_log_prob(u, flows)
+        log_chart = (log_latent - ladj_embedding).masked_fill(~defined, -math.inf)
+        if not all_defined:
             z = z.masked_fill(~defined.unsqueeze(-1), math.nan)
             recon = recon.masked_fill(~defined.unsqueeze(-1), math.nan)
         return {
@@ -346,9 +381,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
                 (log_weights[charts] if log_weights.dim() == 1 else log_weights.gather(1, charts))
                 + log_chart.reshape(n, c)
             ),
-            "on_image": region
-            & (error <= self._tolerance(xs)).reshape(n, c)
-            & torch.isfinite(log_chart).reshape(n, c),
+            "on_image": (near & torch.isfinite(log_chart)).reshape(n, c),
         }
 
     def _flat(self, x: torch.Tensor):
@@ -358,7 +391,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         return x.reshape(-1, self.ambient_dim), shape
 
     def _exact_log_prob(self, flat, shape, raise_off_support: bool) -> torch.Tensor:
-        pairs = self._pairs(flat, shape)
+        pairs = self._pairs(flat, shape, on_image_only=True)
         log_joint = pairs["log_joint"].masked_fill(~pairs["on_image"], -math.inf)
         lp = log_joint.logsumexp(-1)
         if raise_off_support:
