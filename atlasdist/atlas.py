@@ -297,6 +297,73 @@ class AtlasFlow(LazyDistribution):
         ).to(dtype)
 
     @classmethod
+    def tori(cls, poles: torch.Tensor, **kwargs) -> AtlasFlow:
+        r"""An atlas of product charts of the flat torus :math:`T^n \subset \mathbb{R}^{2n}`
+        (one :math:`(\cos\theta_j, \sin\theta_j)` pair per angle, as
+        :func:`~atlasdist.datasets.flat_torus`): chart :math:`k` is the product of :math:`n`
+        inverse stereographic projections of the unit circle from the poles
+        :math:`(\cos\phi_{kj}, \sin\phi_{kj})`,
+
+        .. math:: c_k(u) = \big(\sigma_{\phi_{k1}}^{-1}(u_1), \dots,
+            \sigma_{\phi_{kn}}^{-1}(u_n)\big), \qquad
+            \tfrac12 \log\det J^\top J = \sum_j \log \frac{2}{1 + u_j^2}.
+
+        One product chart misses the points with *any* angle at its pole, and its density
+        vanishes as an angle approaches it (the latent point runs off to infinity), so a test
+        point near a pole of the only chart gets an arbitrarily poor log-density. With several
+        charts whose poles differ in every angle, every point is far from all poles of some
+        chart; the density is the mixture :math:`p(x) = \sum_k \pi_k p_k(x)` over **all**
+        :math:`K` charts (membership ``m = K``: each chart covers the torus but a null set,
+        so this is the normalized mixture), a density w.r.t. :math:`d\theta_1 \cdots
+        d\theta_n` (the volume of the flat torus). Cost: :math:`K` latent-flow passes per
+        point. The latent flows share weights, conditioned on a one-hot chart context; the
+        chart centres are the points opposite the poles, :math:`\phi_{kj} + \pi`.
+
+        Arguments:
+            poles: pole angles :math:`\phi_{kj}` in radians, shape :math:`(K, n)`; its dtype
+                (float32 or float64) is the atlas's.
+            kwargs: passed to :class:`AtlasFlow` (``layers``, ``hidden``, ``count_bins``...).
+
+        Example:
+            >>> poles = torch.tensor([[0.0, 0.0], [3.1416, 3.1416]])  # two charts of T^2
+            >>> torus = AtlasFlow.tori(poles)
+            >>> x = torus().sample((3,))
+            >>> x.shape, x.unflatten(-1, (2, 2)).norm(dim=-1).allclose(torch.ones(3, 2))
+            (torch.Size([3, 4]), True)
+        """
+        from .charts.specs import SharedChart
+        from .transforms import InverseStereographic, ProductEmbedding
+
+        poles = torch.as_tensor(poles)
+        if poles.dim() != 2 or poles.shape[0] < 1 or poles.shape[1] < 1:
+            raise ValueError(
+                "AtlasFlow.tori: poles must be pole angles of shape (K, n), one row per chart, "
+                f"got shape {tuple(poles.shape)}; for one chart of T^n pass shape (1, n)"
+            )
+        if poles.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"AtlasFlow.tori: poles have dtype {poles.dtype}; pass float32 or float64 "
+                "angles in radians, e.g. poles.to(torch.float64)"
+            )
+        check_parameter(poles, "poles", "AtlasFlow.tori")
+        K, n = poles.shape
+        units = torch.stack([poles.cos(), poles.sin()], -1)  # (K, n, 2)
+        specs = [
+            SharedChart(ProductEmbedding([InverseStereographic(1, pole=p) for p in units[k]]))
+            for k in range(K)
+        ]
+        kwargs.setdefault("membership", ChartMembership(m=K))
+        return cls(
+            2 * n,
+            n,
+            specs,
+            centres=(-units).flatten(-2),
+            learn_centres=False,
+            context=torch.eye(K, dtype=poles.dtype),
+            **kwargs,
+        ).to(poles.dtype)
+
+    @classmethod
     def from_autoencoder(
         cls,
         vq,
