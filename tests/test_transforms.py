@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from _cases import CASES, CONFORMAL, build, draw_inputs
+from _cases import CASES, CONFORMAL, build, draw_inputs, randomize
 from hypothesis import given
 from hypothesis import strategies as st
 
+from atlasdist import LearnedCharts
 from atlasdist.geometry import jacobian, log_volume_ratio
-from atlasdist.transforms import ConformalTransform, Mobius
+from atlasdist.transforms import ChartContext, ConformalTransform, Mobius
 
 names = st.sampled_from(sorted(CASES))
 dims = st.integers(1, 4)
@@ -84,6 +85,63 @@ def test_gradients_are_finite(name, d, extra, seed):
     params = [p for p in getattr(f, "parameters", lambda: [])() if p.grad is not None]
     for p in params:
         assert torch.isfinite(p.grad).all()
+
+
+def _check_inverse_and_error(f, y, params=()):
+    """inverse_and_error equals the left inverse, the distance to the reconstruction and the
+    volume term at the inverse, in value and in gradient (inputs and parameters)."""
+    y = y.detach().clone().requires_grad_()
+    x, error, ladj = f.inverse_and_error(y)
+    ref_x = f.inv(y)
+    recon, ref_ladj = f.call_and_ladj(ref_x)
+    ref_error = (recon - y).norm(dim=-1)
+    assert x.shape == ref_x.shape and error.shape == ladj.shape == y.shape[:-1]
+    torch.testing.assert_close(x, ref_x, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(error, ref_error, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(ladj, ref_ladj, atol=1e-10, rtol=1e-10)
+    wrt = [y, *params]
+    w = torch.linspace(0.5, 1.5, x.shape[-1], dtype=x.dtype)
+
+    def loss(x, error, ladj):  # the squared distance: the norm has no gradient at 0
+        return (x * w).sum() + error.square().sum() + ladj.sum()
+
+    grads = torch.autograd.grad(loss(x, error, ladj), wrt, allow_unused=True, retain_graph=True)
+    expected = torch.autograd.grad(loss(ref_x, ref_error, ref_ladj), wrt, allow_unused=True)
+    for g, e in zip(grads, expected, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9)
+
+
+@given(name=names, d=dims, extra=extras, seed=seeds)
+def test_inverse_and_error_matches_the_reconstruction(name, d, extra, seed):
+    """Points on the image (distance 0) and off it."""
+    f = build(name, d, extra, seed)
+    y = f(draw_inputs(f, (12,), seed)).detach()
+    gen = torch.Generator().manual_seed(seed + 2)
+    off = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    params = [p for p in getattr(f, "parameters", list)() if p.requires_grad]
+    _check_inverse_and_error(f, torch.cat([y, off]), params)
+
+
+@given(
+    seed=seeds,
+    d=st.integers(1, 3),
+    extra=st.integers(1, 4),
+    charts=st.integers(1, 5),
+    rows=st.integers(1, 40),
+)
+def test_indexed_chart_inverse_and_error_matches_the_reconstruction(seed, d, extra, charts, rows):
+    """The learned charts' embedding under a chart index: the distance is computed in the
+    tiles of rows grouped by chart (both tile layouts occur), never by reconstruction."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = randomize(LearnedCharts(charts, d, d + extra, 3, hidden=(4,)).double(), gen, 0.5)
+    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
+    index = torch.randint(0, charts, (rows,), generator=gen)
+    f = spec.embedding(ChartContext(features, index))
+    y = f(0.8 * torch.randn(rows, d, generator=gen, dtype=torch.float64)).detach()
+    y = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype) * (index % 2).unsqueeze(-1)
+    _check_inverse_and_error(f, y, list(spec.parameters()))
 
 
 @given(

@@ -309,11 +309,12 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D), a batch of
         shape ``shape``, in one batched pass; returns per-pair tensors of shape (N, C, ...).
 
-        With ``on_image_only`` the latent flows run only on the pairs whose point lies in the
-        chart's region and on its image (the embedding decides that, for every pair, before
-        any latent flow runs); the other pairs, which carry no density, get ``z`` NaN and
-        ``log_joint`` -inf. The exact density is the same; a point on one chart's image costs
-        one latent-flow pass instead of one per candidate."""
+        With ``on_image_only`` (the exact density) the latent flows run only on the pairs
+        whose point lies in the chart's region and on its image (the embedding decides that,
+        for every pair, before any latent flow runs); the other pairs, which carry no density,
+        get ``z`` NaN and ``log_joint`` -inf, and ``recon`` is None. The exact density is the
+        same; a point on one chart's image costs one latent-flow pass instead of one per
+        candidate."""
         charts, region = self.membership.candidates(x, self.centres)
         n, c = charts.shape
         if n == 0:  # an empty batch (Pyro's couplings cannot reshape zero rows)
@@ -335,8 +336,14 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         emb = self._embedding(features, flat_charts)
         # Points outside a chart's domain (a stereographic pole, a Möbius pole) are not on
         # that chart's image: the atlas decides membership itself, so layer checks are off.
+        # Only the exact density is needed: the embedding finds each pair's distance to the
+        # chart image without reconstructing the point (InjectiveTransform.inverse_and_error).
+        recon_needed = not on_image_only
         with no_validation():
-            u = emb.inv(xs)
+            if recon_needed:
+                u = emb.inv(xs)
+            else:
+                u, error, ladj_embedding = emb.inverse_and_error(xs)
             # A point at the pole of a chart's left inverse has no chart coordinates: its pair
             # is evaluated at a harmless stand-in (the chart's image of z = 0) and then marked
             # "not on this chart" (error inf, density 0), so no NaN reaches values or gradients.
@@ -344,9 +351,15 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             all_defined = bool(defined.all())
             if not all_defined:
                 anchor = emb(torch.zeros_like(u)).detach()
-                u = emb.inv(torch.where(defined.unsqueeze(-1), xs, anchor))
-            recon, ladj_embedding = emb.call_and_ladj(u)
-        error = (recon - xs).norm(dim=-1)
+                stand_in = torch.where(defined.unsqueeze(-1), xs, anchor)
+                if recon_needed:
+                    u = emb.inv(stand_in)
+                else:
+                    u, error, ladj_embedding = emb.inverse_and_error(stand_in)
+            if recon_needed:
+                recon, ladj_embedding = emb.call_and_ladj(u)
+        if recon_needed:
+            error = (recon - xs).norm(dim=-1)
         if not all_defined:
             error = error.masked_fill(~defined, math.inf)
         near = region.reshape(-1) & (error <= self._tolerance(xs))
@@ -370,12 +383,13 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         log_chart = (log_latent - ladj_embedding).masked_fill(~defined, -math.inf)
         if not all_defined:
             z = z.masked_fill(~defined.unsqueeze(-1), math.nan)
-            recon = recon.masked_fill(~defined.unsqueeze(-1), math.nan)
+            if recon_needed:
+                recon = recon.masked_fill(~defined.unsqueeze(-1), math.nan)
         return {
             "charts": charts,
             "region": region,
             "z": z.reshape(n, c, self.latent_dim),
-            "recon": recon.reshape(n, c, self.ambient_dim),
+            "recon": recon.reshape(n, c, self.ambient_dim) if recon_needed else None,
             "error": error.reshape(n, c),
             "log_joint": (
                 (log_weights[charts] if log_weights.dim() == 1 else log_weights.gather(1, charts))

@@ -215,6 +215,7 @@ class ZeroPad(InjectiveTransform):
     """
 
     conformal = True
+    affine_similarity = True
 
     def _call(self, x):
         return nn.functional.pad(x, (0, self.out_features - self.in_features))
@@ -261,6 +262,7 @@ class StiefelEmbedding(InjectiveTransform):
     """
 
     conformal = True
+    affine_similarity = True
 
     def __init__(
         self,
@@ -328,11 +330,26 @@ class StiefelEmbedding(InjectiveTransform):
             return v @ t_vt - eye
         return self.linear.weight if self._weight is None else self._weight
 
-    def _indexed(self, x, transpose: bool, log_scale=None, shift=None):
+    def _similarity(self):
+        # (log scale, shift) of the map o + e^s W u: none for a plain frame.
+        return None, None
+
+    def inverse_and_error(self, y):
+        if self.reflectors is None:
+            return super().inverse_and_error(y)
+        self._check_inverse_input(y)
+        log_scale, shift = self._similarity()
+        out = self._indexed(y, True, log_scale, shift, residual=True)
+        x, error = out[..., :-1], out[..., -1]
+        return x, error, self.log_abs_det_jacobian(x, None)
+
+    def _indexed(self, x, transpose: bool, log_scale=None, shift=None, residual=False):
         # Rows grouped by chart (tiles); W = -[I; 0] + V T V_{1:d}^T applied in compact WY
         # form. With a per-chart similarity (log_scale s, shift o): o + e^s W u, and the
         # inverse e^{-s} (W^T y - W^T o) with W^T o per chart, so no D-dimensional work per
-        # row beyond the products with V.
+        # row beyond the products with V. With ``residual`` (inverse only) each row also gets
+        # its distance to the image, |y - o - W W^T (y - o)|, computed in the tile: an extra
+        # column after the coordinates.
         v, tinv = (t.to(x.dtype) for t in self.reflectors)
         d, D, charts = self.in_features, self.out_features, v.shape[0]
         if shift is not None and transpose:
@@ -340,20 +357,40 @@ class StiefelEmbedding(InjectiveTransform):
         if log_scale is not None:
             scale = log_scale.to(x.dtype).exp()[:, None, None]
 
+        def factors(u, vk, tk, chart):
+            # o + W u = o + V z - [u; 0] with z = T V_{1:d}^T u, as one product [z, 1] [V, o]^T
+            # (the shift a column of the product, not a broadcast copy).
+            z = torch.linalg.solve_triangular(tk.mT, u @ vk[:, :d], upper=False, left=False)
+            if shift is None:
+                return z, vk
+            o = per_tile(shift, chart).to(u.dtype).unsqueeze(-1)
+            return torch.cat([z, torch.ones_like(z[..., :1])], -1), torch.cat([vk, o], -1)
+
         def frames(tiles, chart):
             vk, tk = per_tile(v, chart), per_tile(tinv, chart)
             if transpose:
                 out = self._wt(tiles, vk, tk)
                 if shift is not None:
                     out = out - per_tile(shift_in_chart, chart)
-                return out if log_scale is None else out / per_tile(scale, chart)
+                if residual:
+                    # y - o - W c = y - [z, 1] [V, o]^T + [c; 0], c = W^T (y - o), in one
+                    # product that accumulates into y (in place when nothing needs y's grad).
+                    left, right = factors(out, vk, tk, chart)
+                    keep = torch.is_grad_enabled() and any(
+                        t.requires_grad for t in (tiles, left, right)
+                    )
+                    if keep:
+                        diff = torch.baddbmm(tiles, left, right.mT, alpha=-1)
+                    else:
+                        diff = tiles.baddbmm_(left, right.mT, alpha=-1)
+                    diff[..., :d] += out
+                    error = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+                out = out if log_scale is None else out / per_tile(scale, chart)
+                return torch.cat([out, error], -1) if residual else out
             if log_scale is not None:
                 tiles = tiles * per_tile(scale, chart)
-            z = torch.linalg.solve_triangular(tk.mT, tiles @ vk[:, :d], upper=False, left=False)
-            if shift is None:
-                out = z @ vk.mT
-            else:  # o + V z, the shift added inside the product
-                out = torch.baddbmm(per_tile(shift, chart).unsqueeze(-2), z, vk.mT)
+            left, right = factors(tiles, vk, tk, chart)
+            out = left @ right.mT
             out[..., :d] -= tiles
             return out
 
@@ -361,7 +398,7 @@ class StiefelEmbedding(InjectiveTransform):
         if self._tiles is None or self._tiles.total != rows:
             # The same tiling serves the embedding and its left inverse: computed once.
             self._tiles = tile_plan(self.index, charts, rows, D * d, D)
-        return tiled(frames, self.index, x, charts, d if transpose else D, self._tiles)
+        return tiled(frames, self.index, x, charts, d + residual if transpose else D, self._tiles)
 
     @staticmethod
     def _wt(y, v, tinv):
@@ -496,6 +533,9 @@ class Similarity(StiefelEmbedding):
                 shift=shift,
             )
 
+    def _similarity(self):
+        return self.log_scale, self.shift
+
     def _call(self, x):
         if self.reflectors is not None:
             return self._indexed(x, False, self.log_scale, self.shift)
@@ -521,6 +561,7 @@ class Scale(InjectiveTransform):
     """
 
     conformal = True
+    affine_similarity = True
 
     def __init__(self, features: int, init: float = 1.0, log_scale: torch.Tensor | None = None):
         super().__init__(features, features)
@@ -562,6 +603,7 @@ class Shift(InjectiveTransform):
     """
 
     conformal = True
+    affine_similarity = True
 
     def __init__(self, features: int, shift: torch.Tensor | None = None):
         super().__init__(features, features)
@@ -817,6 +859,16 @@ class InverseStereographic(InjectiveTransform):
         return math.log(2) - torch.log1p(x.pow(2).sum(-1))
 
 
+def _call_and_log_factor(parts, x):
+    # Conformal parts applied in order, their log factors summed.
+    log_factor = 0.0
+    for part in parts:
+        y = part(x)
+        log_factor = log_factor + part.log_conformal_factor(x, y)
+        x = y
+    return x, log_factor
+
+
 class ConformalEmbedding(InjectiveCompose):
     r"""A composition of conformal layers, :math:`c = c_n \circ \dots \circ c_1`, with the
     running conformal factor :math:`\lambda = \prod_i \lambda_i` and volume term
@@ -851,12 +903,42 @@ class ConformalEmbedding(InjectiveCompose):
 
     def call_and_log_factor(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r"""Returns :math:`(c(x), \log\lambda(x))` in one pass."""
-        log_factor = 0.0
-        for part in self.parts:
-            y = part(x)
-            log_factor = log_factor + part.log_conformal_factor(x, y)
-            x = y
-        return x, log_factor
+        return _call_and_log_factor(self.parts, x)
 
     def log_conformal_factor(self, x, y):
         return self.call_and_log_factor(x)[1]
+
+    def inverse_and_error(self, y):
+        r"""See :meth:`~atlasdist.transforms.InjectiveTransform.inverse_and_error`. The last
+        parts that are affine similarities :math:`A(z) = o + \lambda W z` are inverted one
+        by one without reconstructing: the residual :math:`y - A(A^\dagger y)` is orthogonal
+        to :math:`A`'s image, so with :math:`g` the parts before,
+
+        .. math::
+            |y - A(g(g^\dagger(A^\dagger y)))|^2 = |y - A(A^\dagger y)|^2
+            + \lambda^2 |A^\dagger y - g(g^\dagger(A^\dagger y))|^2,
+
+        and only :math:`g` (e.g. an inverse stereographic projection in
+        :math:`\mathbb{R}^{d+1}`) is evaluated forward."""
+        self._check_inverse_input(y)
+        outer = len(self.parts)
+        while outer and getattr(self.parts[outer - 1], "affine_similarity", False):
+            outer -= 1
+        shape = y.shape[:-1]
+        distances, log_scale = [], y.new_zeros(())  # the terms of the distance, scaled
+        for part in reversed(self.parts[outer:]):
+            x, error, _ = part.inverse_and_error(y)
+            distances.append(error * torch.exp(log_scale))
+            log_scale = log_scale + part.log_conformal_factor(x, y)
+            y = x
+        x = y
+        for part in reversed(self.parts[:outer]):
+            x = part.inv(x)
+        log_factor = log_scale
+        if outer:
+            recon, inner = _call_and_log_factor(self.parts[:outer], x)
+            distances.append((recon - y).norm(dim=-1) * torch.exp(log_scale))
+            log_factor = log_factor + inner
+        # One norm of the terms (its gradient at 0 is 0, where a square root's is not finite).
+        terms = torch.stack([t.expand(shape) for t in distances], -1)
+        return x, torch.linalg.vector_norm(terms, dim=-1), (x.shape[-1] * log_factor).expand(shape)

@@ -85,6 +85,12 @@ class _TilePlan:
         inverse[order] = torch.arange(total, device=order.device)
         self.row_tile = row_tile.index_select(0, inverse)
         self.slot = slot.index_select(0, inverse)
+        # Flat position of each row among the tile slots, and the row each slot reads (a slot
+        # that pads a tile reads row 0: a finite row whose output there is dropped, so tiles
+        # are gathered in one pass, with no zero fill).
+        self.position = self.row_tile * tile + self.slot
+        self.source = torch.zeros(self.num_tiles * tile, dtype=torch.long, device=index.device)
+        self.source[self.position] = torch.arange(total, device=index.device)
         self.total, self.charts = total, charts
 
 
@@ -105,8 +111,9 @@ def tiled(
     r"""Applies a per-chart map to rows grouped by chart: ``fn(tiles, tile_chart)`` gets the
     rows in tiles of one chart each, shape :math:`(\text{tiles}, T, n)`, and the chart of
     each tile (or None when the tiles are the :math:`K` charts in order; look tables up with
-    :func:`per_tile`), and returns :math:`(\text{tiles}, T, m)`; rows padding a tile are zeros
-    and their outputs are dropped, so ``fn`` must act on each row independently.
+    :func:`per_tile`), and returns :math:`(\text{tiles}, T, m)`; rows padding a tile are
+    copies of a row of ``x`` and their outputs are dropped, so ``fn`` must act on each row
+    independently.
 
     Arguments:
         fn: the tile map.
@@ -131,11 +138,9 @@ def tiled(
     flat = x.reshape(-1, x.shape[-1])
     if plan is None or plan.total != flat.shape[0] or plan.charts != charts:
         plan = tile_plan(index, charts, flat.shape[0], row_elements=flat.shape[-1])
-    padded = flat.new_zeros(plan.num_tiles, plan.tile, flat.shape[-1]).index_put_(
-        (plan.row_tile, plan.slot), flat
-    )
+    padded = flat.index_select(0, plan.source).view(plan.num_tiles, plan.tile, flat.shape[-1])
     out = fn(padded, plan.tile_chart)
-    y = out[plan.row_tile, plan.slot]
+    y = out.reshape(-1, out.shape[-1]).index_select(0, plan.position)
     return y.reshape(lead + (rows, out_features))
 
 

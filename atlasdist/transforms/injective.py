@@ -62,10 +62,13 @@ class EventTransform(TransformModule):
         check_finite(x, self.name)
         return super().__call__(x)
 
-    def _inv_call(self, y):
+    def _check_inverse_input(self, y):
         check_floating(y, self.name + ".inv", "input", module_tensor(self))
         check_features(y, self.out_features, self.name + ".inv")
         check_finite(y, self.name + ".inv")
+
+    def _inv_call(self, y):
+        self._check_inverse_input(y)
         return super()._inv_call(y)
 
     def call_and_ladj(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,6 +111,10 @@ class InjectiveTransform(EventTransform):
     """
 
     conformal = False
+    # An affine similarity x -> o + lambda W x (W with orthonormal columns, o and lambda
+    # independent of x): its residual y - f(f^dagger(y)) is orthogonal to its image, which
+    # lets a composition add the distances of its parts (ConformalEmbedding.inverse_and_error).
+    affine_similarity = False
 
     def __init__(self, in_features: int, out_features: int, cache_size: int = 0):
         name = type(self).__name__
@@ -133,6 +140,18 @@ class InjectiveTransform(EventTransform):
         if not self.conformal:
             raise NotImplementedError  # abstract
         return x.shape[-1] * self.log_conformal_factor(x, y)
+
+    def inverse_and_error(self, y: torch.Tensor):
+        r"""``(x, error, ladj)``: the left inverse :math:`x = f^\dagger(y)`, the distance
+        :math:`|y - f(x)|` of :math:`y` to its reconstruction (0 on the image; shape
+        :math:`(*)`) and the volume term at :math:`x`, in one pass.
+
+        This default reconstructs :math:`f(x)` in :math:`\mathbb{R}^D`; affine similarities
+        and compositions ending in them find the distance without the reconstruction.
+        """
+        x = self.inv(y)
+        recon, ladj = self.call_and_ladj(x)
+        return x, (recon - y).norm(dim=-1), ladj
 
 
 def is_conformal(part) -> bool:
