@@ -103,7 +103,11 @@ class InjectiveTransform(EventTransform):
     **Conformal layers** (:math:`J^\top J = \lambda(x)^2 I`) set ``conformal = True`` and
     implement ``log_conformal_factor(x, y)`` (:math:`\log\lambda(x)`, shape :math:`(*)`); their
     log-det is then :math:`d \log\lambda`, the full log-det for a bijection of
-    :math:`\mathbb{R}^d` and the volume term for an injection.
+    :math:`\mathbb{R}^d` and the volume term for an injection. **Affine similarities**
+    (:math:`x \mapsto o + \lambda W x`, :math:`W^\top W = I`, :math:`o` and :math:`\lambda`
+    independent of :math:`x`) also set ``affine_similarity = True``: a composition ending in
+    them finds the distance of a point to its image without reconstructing the point
+    (:meth:`inverse_and_error`).
 
     Arguments:
         in_features: :math:`d`.
