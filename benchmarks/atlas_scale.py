@@ -13,6 +13,13 @@ Sections (``--sections``, default all):
 - ``bare``: the MLP passes an atlas ``log_prob`` has to run at the least: 8 coupling networks
   ``DenseNN(d//2 + 32, [256, 256], [d - d//2] * 2)`` (half the latent plus a 32-feature chart
   code) on N*m rows under ``no_grad``; atlas ``log_prob`` time over this time.
+- ``distinct``: the same atlases with distinct chart images, the regime of a trained atlas
+  (at initialization every chart has the same image, so every point lies on both candidates'
+  images: the worst case for ``log_prob``, which runs the latent flows only on the pairs whose
+  point lies on the chart's image). The charts' parameters are perturbed (seeded, standard
+  deviation ``--perturb``), and the points are the model's own samples whose chart is among
+  their candidates (drawn once; a fresh shuffled copy per repeat): ``log_prob`` and
+  ``log_prob`` + ``backward`` against Pyro, and the fraction of pairs that ran the flows.
 - ``memory``: one ``log_prob`` (+ ``backward``) at N=2048 for the atlas (K=64) and Pyro: bytes
   of tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``: the distinct
   storages, keyed by ``data_ptr``, that the graph still holds when ``log_prob`` returns, the
@@ -67,8 +74,9 @@ from torch import nn
 import atlasdist
 from atlasdist import AtlasFlow, ChartMembership
 
-SECTIONS = ("speed", "bare", "memory", "sphere")
+SECTIONS = ("speed", "bare", "distinct", "memory", "sphere")
 OPS = ("log_prob", "sample", "rsample", "log_prob+backward")
+DISTINCT_OPS = ("log_prob", "log_prob+backward")
 CODE_FEATURES = 32  # the chart code of the bare coupling networks
 MIB = 2.0**20
 
@@ -226,6 +234,107 @@ def model_cases(label: str, model: nn.Module, n: int, ops: Sequence[str]) -> lis
         "log_prob+backward": Case("log_prob+backward", label, n, train_setup, train, grad=True),
     }
     return [table[op] for op in ops]
+
+
+def distinct_chart_atlas(atlas: AtlasFlow, scale: float, seed: int) -> AtlasFlow:
+    """Perturbs the charts' parameters in place (seeded): distinct chart images."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for prm in atlas.charts.parameters():
+            prm.add_(scale * torch.randn(prm.shape, generator=gen).to(prm))
+    return atlas
+
+
+def on_own_chart_points(atlas: AtlasFlow, n: int, max_draws: int = 2_000_000) -> torch.Tensor:
+    """``n`` samples of the atlas whose chart is among their candidate charts (so their
+    density is positive), drawn in batches of ``n``."""
+    kept: list[torch.Tensor] = []
+    found, drawn = 0, 0
+    with torch.no_grad():
+        p = atlas.flow()
+        while found < n:
+            if drawn >= max_draws:
+                raise RuntimeError(f"fewer than {n} on-chart points in {drawn} draws")
+            x, k = p.rsample_with_charts((n,))
+            candidates, _ = p.membership.candidates(x, p.centres)
+            ok = (candidates == k.unsqueeze(-1)).any(-1)
+            kept.append(x[ok])
+            found, drawn = found + int(ok.sum()), drawn + n
+    return torch.cat(kept)[:n]
+
+
+def section_distinct(args: argparse.Namespace, report: Report) -> None:
+    n = args.points
+    pools: dict[int, torch.Tensor] = {}
+    by_op: dict[str, list[Case]] = {}
+    kept: dict[int, float] = {}
+    for K in args.charts:
+        atlas = default_atlas(args.dim, args.latent, K, args.layers, args.hidden).to(args.device)
+        distinct_chart_atlas(atlas, args.perturb, args.seed + K)
+        pools[K] = on_own_chart_points(atlas, n)
+        with torch.no_grad():
+            on = atlas.flow()._pairs(pools[K], torch.Size([n]))["on_image"]
+        kept[K] = float(on.float().mean())
+
+        def shuffled(pool=pools[K]) -> torch.Tensor:
+            return pool[torch.randperm(n, device=pool.device)].clone()
+
+        for case in model_cases(f"atlas K={K}, distinct charts", atlas, n, DISTINCT_OPS):
+            case.setup = shuffled
+            if case.grad:
+                case.setup = lambda a=atlas, f=shuffled: (zero_grads(a), f())[1]
+            by_op.setdefault(case.op, []).append(case)
+    pyro_flow = PyroFlow(args.dim, args.layers, args.hidden, args.device)
+    for case in model_cases("Pyro", pyro_flow, n, DISTINCT_OPS):
+        by_op[case.op].append(case)
+    # The bare network passes this log_prob must run: on the pairs on a chart image.
+    pair_rows = {K: round(kept[K] * 2 * n) for K in args.charts}
+    bares = {
+        rows: bare_case(args.latent, 1, args.layers, args.hidden, rows, args.device)
+        for rows in sorted(set(pair_rows.values()))
+        if rows
+    }
+    cases = [c for op in DISTINCT_OPS for c in by_op[op]] + list(bares.values())
+    start = time.perf_counter()
+    run_round_robin(cases, args.repeats, args.slow_seconds, args.slow_repeats, args.device)
+    elapsed = time.perf_counter() - start
+    report.add(
+        "",
+        f"## 2b. Distinct chart images (a trained atlas's regime): the atlases of section 1 "
+        f"with chart parameters perturbed (sd {args.perturb:g}), on their own samples",
+        "",
+        "| K | pairs on a chart image (ran the latent flows) |",
+        "|---:|---:|",
+        *[f"| {K} | {100 * kept[K]:.1f} % of N*m |" for K in args.charts],
+        "",
+        *TIME_HEADER,
+    )
+    for op in DISTINCT_OPS:
+        for case in by_op[op]:
+            report.add(case_row(case, by_op[op][-1]))
+    lo, hi = min(args.charts), max(args.charts)
+    report.add("", f"| operation | throughput K={hi} / K={lo} |", "|---|---:|")
+    for op in DISTINCT_OPS:
+        a, b = by_op[op][args.charts.index(lo)], by_op[op][args.charts.index(hi)]
+        ok = a.times and b.times
+        report.add(f"| {op} | {fmt_ratio(b.throughput / a.throughput) if ok else 'n/a'} |")
+    report.add(
+        "",
+        "| model | atlas log_prob (ms) | rows on a chart image | bare MLP passes on them (ms) "
+        "| atlas / bare time |",
+        "|---|---:|---:|---:|---:|",
+    )
+    for K, case in zip(args.charts, by_op["log_prob"], strict=False):
+        bare_c = bares.get(pair_rows[K])
+        if case.times and bare_c is not None and bare_c.times:
+            report.add(
+                f"| {case.model} | {1e3 * case.median:,.1f} | {pair_rows[K]} | "
+                f"{1e3 * bare_c.median:,.1f} | {fmt_ratio(case.median / bare_c.median)} |"
+            )
+    report.add("", f"section wall time {elapsed:.0f} s", *reduced_note(cases, args.repeats))
+    report.save()
+    del pools, by_op, cases, pyro_flow
+    gc.collect()
 
 
 def bare_case(d: int, m: int, layers: int, hidden: Sequence[int], n: int, device: str) -> Case:
@@ -615,6 +724,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--latent", type=int, default=32, help="d")
     parser.add_argument("--charts", type=int, nargs="+", default=[4, 64, 256], help="K values")
     parser.add_argument("--memory-charts", type=int, default=64)
+    parser.add_argument(
+        "--perturb", type=float, default=0.01, help="sd of the chart perturbation (distinct)"
+    )
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--hidden", type=int, nargs="+", default=[256, 256])
     parser.add_argument("--sphere-layers", type=int, default=4)
@@ -686,6 +798,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if "speed" in args.sections or "bare" in args.sections:
         section_speed(args, report)
+    if "distinct" in args.sections:
+        section_distinct(args, report)
     if "memory" in args.sections:
         section_memory(args, report)
     if "sphere" in args.sections:
