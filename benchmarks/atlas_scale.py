@@ -206,6 +206,13 @@ def run_round_robin(
         sys.stderr.write("\r" + " " * 100 + "\r")
 
 
+def run_timed(cases: list[Case], args: argparse.Namespace) -> float:
+    """Runs the cases round-robin with the run's settings; returns the wall time (s)."""
+    start = time.perf_counter()
+    run_round_robin(cases, args.repeats, args.slow_seconds, args.slow_repeats, args.device)
+    return time.perf_counter() - start
+
+
 def zero_grads(module: nn.Module) -> None:
     for prm in module.parameters():
         prm.grad = None
@@ -295,9 +302,7 @@ def section_distinct(args: argparse.Namespace, report: Report) -> None:
         if rows
     }
     cases = [c for op in DISTINCT_OPS for c in by_op[op]] + list(bares.values())
-    start = time.perf_counter()
-    run_round_robin(cases, args.repeats, args.slow_seconds, args.slow_repeats, args.device)
-    elapsed = time.perf_counter() - start
+    elapsed = run_timed(cases, args)
     report.add(
         "",
         f"## 2b. Distinct chart images (a trained atlas's regime): the atlases of section 1 "
@@ -562,9 +567,7 @@ def section_speed(args: argparse.Namespace, report: Report) -> None:
             by_op[case.op].append(case)
     bare_c = bare_case(args.latent, 2, args.layers, args.hidden, n, args.device) if bare else None
     cases = [c for op in ops for c in by_op[op]] + ([bare_c] if bare_c else [])
-    start = time.perf_counter()
-    run_round_robin(cases, args.repeats, args.slow_seconds, args.slow_repeats, args.device)
-    elapsed = time.perf_counter() - start
+    elapsed = run_timed(cases, args)
 
     if speed:
         report.add(
@@ -678,9 +681,7 @@ def section_sphere(args: argparse.Namespace, report: Report) -> None:
     pyro_flow = PyroFlow(3, args.sphere_layers, args.sphere_hidden, args.device, spline_bins=8)
     cases = model_cases("atlas S^2 (2 charts)", atlas, n, ("log_prob",))
     cases += model_cases("Pyro R^3", pyro_flow, n, ("log_prob",))
-    start = time.perf_counter()
-    run_round_robin(cases, args.repeats, args.slow_seconds, args.slow_repeats, args.device)
-    elapsed = time.perf_counter() - start
+    elapsed = run_timed(cases, args)
     report.add(
         "",
         f"## 4. S^2 (AtlasFlow.spheres, 2 charts, layers={args.sphere_layers}, hidden="
