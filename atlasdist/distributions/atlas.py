@@ -362,7 +362,9 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             error = (recon - xs).norm(dim=-1)
         if not all_defined:
             error = error.masked_fill(~defined, math.inf)
-        near = region.reshape(-1) & (error <= self._tolerance(xs))
+        # The tolerance depends on |x| only: once per point, not per pair.
+        near = region & (error.reshape(n, c) <= self._tolerance(x).unsqueeze(-1))
+        near = near.reshape(-1)
         with no_validation():
             if on_image_only and not bool(near.all()):
                 keep = near.nonzero().squeeze(-1)
