@@ -37,14 +37,42 @@ def default_latent_flow(
     hidden: Sequence[int] = (64, 64),
     count_bins: int = 8,
     bound: float = 4.0,
+    coupling: str = "affine",
 ) -> list:
     r"""Chart-conditioned latent flow :math:`h` on :math:`\mathbb{R}^d`: ``layers`` blocks of
     a conditional rational spline (elementwise, identity outside :math:`[-B, B]`; its
     parameters depend on the chart only and are computed once per chart) followed, for
-    :math:`d > 1`, by a conditional affine coupling (the chart part of its network's first
-    layer computed once per chart) and a permutation."""
+    :math:`d > 1`, by a coupling of the coordinates and a permutation.
+
+    ``coupling="affine"``: a conditional affine coupling (the chart part of its network's
+    first layer computed once per chart). The splines then act on each coordinate alone, so
+    the coordinates interact only through shifts and scales.
+    ``coupling="spline"``: instead of both, Pyro's conditional rational-spline
+    autoregressive transform, :math:`u_i \mapsto s_i(u_i;\ u_{<i}, v_k)`, a spline of each
+    coordinate whose knots are a network of the previous coordinates and the chart features
+    (Durkan et al. 2019): it can place sharp modes anywhere in the plane, at about three
+    times the cost per step (its network runs per point and chart, and ``log_prob`` inverts
+    it in :math:`d` passes).
+
+    Example:
+        >>> parts = default_latent_flow(2, context_features=3, layers=2, coupling="spline")
+        >>> len(parts)  # (autoregressive spline, permutation) per layer
+        4
+    """
+    if coupling not in ("affine", "spline"):
+        raise ValueError(
+            f"default_latent_flow: coupling must be 'affine' or 'spline', got {coupling!r}"
+        )
     parts: list = []
     for _ in range(layers):
+        if coupling == "spline" and d > 1:
+            parts.append(
+                pyro_t.conditional_spline_autoregressive(
+                    d, context_features, list(hidden), count_bins=count_bins, bound=bound
+                )
+            )
+            parts.append(pyro_t.Permute(torch.arange(d - 1, -1, -1)))
+            continue
         parts.append(ChartSpline(d, context_features, hidden, count_bins=count_bins, bound=bound))
         if d > 1:
             parts.append(chart_affine_coupling(d, context_features, hidden))
@@ -275,8 +303,8 @@ class AtlasFlow(LazyDistribution):
             >>> north, south = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, -1.0]])
             >>> circle = AtlasFlow.spheres(1, torch.zeros(2, 2), torch.ones(2),
             ...                            torch.cat([north, south]))
-            >>> circle().sample((3,)).norm(dim=-1)
-            tensor([1.0000, 1.0000, 1.0000])
+            >>> circle().sample((3,)).norm(dim=-1).allclose(torch.ones(3))
+            True
         """
         charts = SphereCharts(centres, radii, poles, learnable=learnable)
         if charts.in_features != d:

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from atlasdist import AtlasFlow, datasets
+from atlasdist.atlas import default_latent_flow
 from atlasdist.distributions import SphereFlow
 from atlasdist.training import fit
 from atlasdist.transforms import (
@@ -124,17 +125,10 @@ def von_mises_mixture(train, val, test, components=(4, 8, 16, 32), iterations=20
     return -float(log_prob(t, *params)[0].mean()), K
 
 
-def sphere_atlas(layers, hidden, count_bins):
+def sphere_atlas(layers, hidden, count_bins, coupling="affine"):
     poles = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])
-    return AtlasFlow.spheres(
-        2,
-        torch.zeros(2, 3),
-        torch.ones(2),
-        poles,
-        layers=layers,
-        hidden=hidden,
-        count_bins=count_bins,
-    )
+    flows = default_latent_flow(2, 2, layers, hidden, count_bins, coupling=coupling)
+    return AtlasFlow.spheres(2, torch.zeros(2, 3), torch.ones(2), poles, flows=flows)
 
 
 def sphere_flow():
@@ -145,8 +139,11 @@ def sphere_flow():
     )
 
 
-def torus_atlas(poles, layers, hidden, count_bins):
-    return AtlasFlow.tori(poles, layers=layers, hidden=hidden, count_bins=count_bins)
+def torus_atlas(poles, layers, hidden, count_bins, coupling="affine"):
+    flows = default_latent_flow(
+        poles.shape[1], len(poles), layers, hidden, count_bins, coupling=coupling
+    )
+    return AtlasFlow.tori(poles, flows=flows)
 
 
 def sparse_poles(angles, charts, bins=72, separation=math.pi / 2):
@@ -169,7 +166,7 @@ def sparse_poles(angles, charts, bins=72, separation=math.pi / 2):
     return torch.stack(poles)
 
 
-def fit_model(model, train, val, test, cfg, seed):
+def fit_model(model, train, val, test, cfg, seed, lr=None, time_limit=None):
     start = time.perf_counter()
     history = fit(
         model,
@@ -177,10 +174,10 @@ def fit_model(model, train, val, test, cfg, seed):
         val_data=val.float(),
         epochs=cfg.epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.lr,
+        lr=cfg.lr if lr is None else lr,
         patience=cfg.patience,
         schedule="plateau",
-        time_limit=cfg.time_limit,
+        time_limit=cfg.time_limit if time_limit is None else time_limit,
         seed=seed,
         progress=cfg.progress,
         log_every=60.0,
@@ -204,12 +201,15 @@ def run_earth(name, seed, cfg, maps):
     )
     rows["vMF kernel density"] = (nll, 0.0, f"kappa {kappa:.4g}")
     models = {
-        "atlas (2 stereographic charts)": sphere_atlas(cfg.layers, cfg.hidden, cfg.bins),
+        "atlas (2 stereographic charts)": sphere_atlas(
+            cfg.layers, cfg.hidden, cfg.bins, cfg.coupling
+        ),
         "SphereFlow (8 affine + translation)": sphere_flow(),
     }
     densities = {"vMF kernel density": density}
     for label, model in models.items():
-        nll, seconds, history = fit_model(model, train, val, test, cfg, seed)
+        limit = cfg.sphere_time_limit if isinstance(model, SphereFlow) else None
+        nll, seconds, history = fit_model(model, train, val, test, cfg, seed, time_limit=limit)
         note = f"{len(history['loss'])} epochs, best {history.best_epoch + 1}, "
         note += history.stop_reason
         rows[label] = (nll, seconds, note)
@@ -236,11 +236,15 @@ def run_rna(seed, cfg):
     nll, K = von_mises_mixture(train, val, test, components, 20 if cfg.quick else 200, seed)
     rows["product von Mises mixture (EM)"] = (nll, time.perf_counter() - start, f"K {K}")
     model = torus_atlas(
-        sparse_poles(train_a, cfg.torus_charts).float(), cfg.layers, cfg.hidden, cfg.bins
+        sparse_poles(train_a, cfg.torus_charts).float(),
+        cfg.layers,
+        cfg.hidden,
+        cfg.bins,
+        cfg.torus_coupling,
     )
     start = time.perf_counter()
     try:
-        nll, seconds, history = fit_model(model, train, val, test, cfg, seed)
+        nll, seconds, history = fit_model(model, train, val, test, cfg, seed, lr=cfg.rna_lr)
         note = f"{len(history['loss'])} epochs, best {history.best_epoch + 1}, "
         note += history.stop_reason
     except (FloatingPointError, ValueError) as error:  # a diverged fit is a result too
@@ -304,10 +308,13 @@ def table(results, cfg, wall):
         "the best of this run's rows.",
         "",
         f"Command: `python benchmarks/earth.py {cfg.argv}`",
-        f"Settings: at most {cfg.epochs} epochs and {cfg.time_limit} s per model fit, batch "
-        f"{cfg.batch_size}, lr {cfg.lr} (plateau schedule), patience {cfg.patience}, atlas "
-        f"latent flow {cfg.layers} layers of {cfg.bins}-bin splines, hidden {cfg.hidden}; "
-        f"{cfg.threads} thread(s). Wall time {wall:.0f} s.",
+        f"Settings: at most {cfg.epochs} epochs and {cfg.time_limit} s per atlas fit "
+        f"({cfg.sphere_time_limit} s per SphereFlow fit), batch {cfg.batch_size}, lr {cfg.lr} "
+        f"(RNA atlas {cfg.rna_lr}; plateau schedule), patience {cfg.patience}, atlas latent "
+        f"flow {cfg.layers} layers of {cfg.bins}-bin splines with {cfg.coupling} coupling "
+        f"(RNA: {cfg.torus_coupling}; {cfg.torus_charts} product charts), hidden "
+        f"{cfg.hidden}; {cfg.jobs} parallel job(s) of {cfg.threads} thread(s). Wall time "
+        f"{wall:.0f} s.",
     ]
     if earth:
         lines += ["", "| method | " + " | ".join(earth) + " |", "|---" * (len(earth) + 1) + "|"]
@@ -351,6 +358,35 @@ def table(results, cfg, wall):
     return "\n".join(lines) + "\n"
 
 
+# Datasets by decreasing run time (the order of parallel jobs).
+COST = ["fire", "earthquake", "rna", "flood", "volcano"]
+
+
+def run_job(name, seed, cfg):
+    torch.set_num_threads(cfg.threads)
+    if name == "rna":
+        return run_rna(seed, cfg)
+    return run_earth(name, seed, cfg, maps=not cfg.no_maps)
+
+
+def record(results, name, seed, rows, cfg, start):
+    results.setdefault(name, {})[seed] = rows
+    for label, (nll, seconds, note) in rows.items():
+        print(f"{name:10s} seed {seed}  {label:40s} {nll:8.3f}  {seconds:6.0f} s  {note}")
+    # The table is rewritten after every job, so a run cut short keeps what it did.
+    with open(f"{cfg.out}.md", "w") as f:
+        f.write(table(ordered(results, cfg), cfg, time.perf_counter() - start))
+
+
+def ordered(results, cfg):
+    """Results in the order of ``--dataset`` and ``--seeds`` (parallel jobs end in any order)."""
+    return {
+        n: {s: results[n][s] for s in cfg.seeds if s in results[n]}
+        for n in cfg.dataset
+        if n in results
+    }
+
+
 def main(argv=None):
     import sys
 
@@ -361,14 +397,20 @@ def main(argv=None):
     parser.add_argument("--subset", type=int, default=0, help="use the first N points only")
     parser.add_argument("--epochs", type=int, default=2000)
     parser.add_argument("--time-limit", type=float, default=120.0, help="seconds per fit")
+    parser.add_argument("--sphere-time-limit", type=float, default=60.0, help="per SphereFlow")
     parser.add_argument("--patience", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--rna-lr", type=float, default=1e-3)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--bins", type=int, default=16)
+    choice = {"choices": ["affine", "spline"]}
+    parser.add_argument("--coupling", default="affine", **choice, help="earth latent flow")
+    parser.add_argument("--torus-coupling", default="affine", **choice, help="RNA latent flow")
     parser.add_argument("--torus-charts", type=int, default=3, help="product charts on T^7")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="per job")
+    parser.add_argument("--jobs", type=int, default=1, help="(set, seed) jobs run in parallel")
     parser.add_argument("--out", default="benchmarks/earth")
     parser.add_argument("--no-maps", action="store_true")
     parser.add_argument("--progress", action="store_true")
@@ -384,24 +426,27 @@ def main(argv=None):
     torch.set_num_threads(cfg.threads)
     start = time.perf_counter()
     results: dict[str, dict[int, dict]] = {}
-    for name in cfg.dataset:
-        for seed in cfg.seeds:
-            if name == "rna":
-                rows = run_rna(seed, cfg)
-            else:
-                rows = run_earth(name, seed, cfg, maps=not cfg.no_maps)
-            results.setdefault(name, {})[seed] = rows
-            for label, (nll, seconds, note) in rows.items():
-                print(f"{name:10s} seed {seed}  {label:40s} {nll:8.3f}  {seconds:6.0f} s  {note}")
-            # The table is rewritten after every fit, so a run cut short keeps what it did.
-            with open(f"{cfg.out}.md", "w") as f:
-                f.write(table(results, cfg, time.perf_counter() - start))
+    # Longest first, so that parallel jobs end together.
+    jobs = [(n, s) for n in sorted(cfg.dataset, key=COST.index) for s in cfg.seeds]
+    if cfg.jobs > 1:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        pool = cf.ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn"))
+        with pool:
+            futures = {pool.submit(run_job, n, s, cfg): (n, s) for n, s in jobs}
+            for future in cf.as_completed(futures):  # in the order they finish
+                record(results, *futures[future], future.result(), cfg, start)
+    else:
+        for name, seed in jobs:
+            record(results, name, seed, run_job(name, seed, cfg), cfg, start)
     wall = time.perf_counter() - start
+    results = ordered(results, cfg)
     text = table(results, cfg, wall)
     with open(f"{cfg.out}.md", "w") as f:
         f.write(text)
     print(text)
-    print(f"wall time {wall:.0f} s ({cfg.threads} thread(s)); wrote {cfg.out}.md")
+    print(f"wall time {wall:.0f} s ({cfg.jobs} job(s) of {cfg.threads} thread(s))")
     return results
 
 

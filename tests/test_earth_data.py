@@ -250,3 +250,28 @@ def test_benchmark_sparse_poles_are_separated_and_in_empty_arcs():
     counts = torch.stack([torch.bincount(idx[:, j], minlength=72) for j in range(7)])
     arc = ((poles[0] + math.pi) / (2 * math.pi) * 72).long()
     assert (counts.gather(1, arc[:, None]).squeeze(1) == counts.min(1).values).all()
+
+
+@pytest.mark.parametrize("coupling", ["affine", "spline"])
+def test_sphere_atlas_with_either_coupling_is_normalized(coupling):
+    """The benchmark's earth atlas (two stereographic charts, ``default_latent_flow`` with
+    ``coupling``) integrates to 1 w.r.t. the area of S^2 after a perturbation of its
+    parameters (Gauss-Legendre x periodic rule, 200 x 400 nodes; its error measured on these
+    draws: 5e-5 affine, 6e-7 spline)."""
+    from atlasdist.demo import sphere_quadrature
+
+    torch.manual_seed(1)
+    atlas = _benchmark().sphere_atlas(2, (16,), 6, coupling).double()
+    with torch.no_grad():
+        for parameter in atlas.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        points, weights = sphere_quadrature(200, 400)
+        mass = float((atlas().log_prob(points).exp() * weights).sum())
+    assert abs(mass - 1) < 5e-4
+
+
+def test_default_latent_flow_rejects_an_unknown_coupling():
+    from atlasdist.atlas import default_latent_flow
+
+    with pytest.raises(ValueError, match="coupling must be 'affine' or 'spline'"):
+        default_latent_flow(2, 2, coupling="additive")
