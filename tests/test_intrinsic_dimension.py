@@ -1,6 +1,7 @@
-"""The chart rule of estimate_intrinsic_dimension on manifolds of known dimension: a
-non-orientable surface, curved manifolds of dimension >= 4 in R^D with D >= 10, noise, full
-dimension; the uncertainty it reports; its invariances."""
+"""estimate_intrinsic_dimension on manifolds of known dimension: non-orientable surfaces,
+curved manifolds of dimension >= 4 in R^D with D >= 10 (one curved at the scale of every chart,
+where only the distance ratios are right), noise, full dimension (where only the flat charts
+are right), exact linear constraints; the uncertainty it reports; its invariances."""
 
 import math
 
@@ -61,6 +62,31 @@ def curved_graph(n, d, D, seed):
     return x @ q.T
 
 
+def polar_product(n, d, copies, seed):
+    """p ~ U(0, 1)^d, x = (p_{i+1} cos 2 pi p_i, p_{i+1} sin 2 pi p_i)_i (indices mod d), the
+    2d coordinates repeated ``copies`` times and rotated at random: the generator of
+    scikit-dimension's M4 / M6 / M8 (Hein & Audibert), curved at the scale of any chart that
+    determines a quadratic model when d >= 4 (a few points per circle), d-dimensional."""
+    g = _generator(seed)
+    p = torch.rand(d, n, generator=g, dtype=torch.float64)
+    radius = torch.roll(p, -1, 0)
+    angle = 2 * math.pi * p
+    x = torch.stack([radius * angle.cos(), radius * angle.sin()], 1).reshape(2 * d, n).T
+    x = torch.cat([x] * copies, -1)
+    q = torch.linalg.qr(torch.randn(x.shape[1], x.shape[1], generator=g, dtype=x.dtype)).Q
+    return x @ q.T
+
+
+def noisy_helix(n, seed, noise):
+    """The helix of scikit-dimension's M5a in R^3 with uniform noise of width ``noise`` in
+    every coordinate (0.03: three times the spacing of 1500 points along the curve), d = 1."""
+    g = _generator(seed)
+    t = 2 * math.pi * torch.rand(n, generator=g, dtype=torch.float64)
+    r = 2 + torch.cos(8 * t)
+    x = torch.stack([r * t.cos(), r * t.sin(), torch.sin(8 * t)], -1)
+    return x + noise * (torch.rand(x.shape, generator=g, dtype=x.dtype) - 0.5)
+
+
 CASES = [  # name, data, true d
     ("Klein bottle in R^4", lambda: klein_bottle(2000, 0), 2),
     ("noisy Klein bottle in R^4", lambda: klein_bottle(2000, 1, noise=0.005), 2),
@@ -69,6 +95,8 @@ CASES = [  # name, data, true d
     ("S^4 in R^12", lambda: sphere(2000, 4, 12, 0), 4),
     ("graph of cosines, d = 4 in R^12", lambda: curved_graph(2000, 4, 12, 0), 4),
     ("full Gaussian in R^6", lambda: torch.randn(1500, 6, generator=_generator(0)), 6),
+    ("torus-like d = 4 in R^16", lambda: polar_product(1500, 4, 2, 0), 4),
+    ("noisy helix in R^3", lambda: noisy_helix(1500, 0, 0.03), 1),
 ]
 
 
@@ -95,17 +123,77 @@ def test_uncertainty_is_a_distribution_over_the_chart_answers():
     assert isinstance(result, IntrinsicDimension)
     assert result.chart_dimensions.shape == (M,) and result.probabilities.shape == (D,)
     assert result.gap_ratios.shape == (M, D) and result.chart_sizes.shape == (D,)
+    assert result.flat_dimensions.shape == (M,)
     torch.testing.assert_close(result.probabilities.sum(), torch.tensor(1.0, dtype=x.dtype))
     counts = torch.bincount(result.chart_dimensions - 1, minlength=D).to(x.dtype) / M
     torch.testing.assert_close(result.probabilities, counts)
-    assert result.dimension == int(result.chart_dimensions.sort().values[(M - 1) // 2])
-    # a chart's answer is the first d whose flattened gap reaches min_ratio
-    for m in range(M):
-        dm = int(result.chart_dimensions[m])
-        ratios = result.gap_ratios[m, : dm - 1]
-        assert bool((ratios < 2.5).all())
-        assert dm == D or float(result.gap_ratios[m, dm - 1]) >= 2.5
+    assert result.interval[0] <= result.dimension <= result.interval[1]
+    _assert_the_rule(result, min_ratio=2.5)
     assert result.model is None and result.history is None
+
+
+def _assert_the_rule(result, min_ratio):
+    """A chart's flat dimension is the first d whose flattened gap reaches min_ratio (none at
+    or below max_dimension: 0); a flat chart answers it; the estimate is the median flat
+    dimension when that is at most max_dimension, else at most max_dimension."""
+    M = result.flat_dimensions.numel()
+    for m in range(M):
+        dm = int(result.flat_dimensions[m])
+        searched = result.gap_ratios[m, : (dm - 1 if dm > 0 else result.max_dimension)]
+        assert bool((searched[~searched.isnan()] < min_ratio).all())
+        if 0 < dm < result.gap_ratios.shape[1] and not math.isnan(result.gap_ratios[m, dm - 1]):
+            assert float(result.gap_ratios[m, dm - 1]) >= min_ratio
+        if dm > 0:
+            assert dm <= result.max_dimension and int(result.chart_dimensions[m]) == dm
+    flat = torch.where(result.flat_dimensions > 0, result.flat_dimensions, 10**6)
+    median = int(flat.sort().values[(M - 1) // 2])
+    if median <= result.max_dimension:
+        assert result.dimension == median
+    else:
+        assert 1 <= result.dimension <= result.max_dimension
+
+
+def test_curvature_at_every_chart_is_left_to_the_distances():
+    """A 4-manifold in R^16 curved at the scale of every chart that determines a quadratic
+    model: no chart is flat at d <= 4, larger d are rejected by the distance ratios, and the
+    ratios' likelihood gives the dimension."""
+    result = estimate_intrinsic_dimension(polar_product(1000, 4, 2, 1), seed=0)
+    assert result.max_dimension == 4 and bool((result.flat_dimensions == 0).all())
+    assert result.dimension == 4, (result.distance_dimension, result.probabilities)
+    _assert_the_rule(result, min_ratio=2.5)
+
+
+def test_flat_high_dimension_stands_where_the_distances_fall_short():
+    """Uniform points of the 12-cube: the distance ratios read well under 12 (boundaries and
+    finite N), but not significantly under the uniform reference, and every chart is flat
+    only at the rank: the estimate is 12."""
+    x = torch.rand(1000, 12, generator=_generator(0), dtype=torch.float64)
+    result = estimate_intrinsic_dimension(x, charts=30, seed=0)
+    assert result.distance_dimension < 11
+    assert result.dimension == 12 and result.interval == (12, 12)
+
+
+def test_an_exact_linear_constraint_is_no_dimension():
+    """Duplicated coordinates (an isometric copy in R^8) leave every answer of the Klein
+    bottle unchanged: the data are mapped onto their affine span first."""
+    x = klein_bottle(1000, 2)
+    a = estimate_intrinsic_dimension(x, seed=0)
+    b = estimate_intrinsic_dimension(torch.cat([x, x], -1) / math.sqrt(2), seed=0)
+    assert a.dimension == b.dimension == 2
+    assert torch.equal(a.chart_dimensions, b.chart_dimensions)
+    assert a.distance_dimension == pytest.approx(b.distance_dimension, rel=1e-9)
+    torch.testing.assert_close(a.gap_ratios, b.gap_ratios[:, :4], equal_nan=True)
+    assert bool(b.gap_ratios[:, 4:].isnan().all())
+
+
+def test_the_uniform_reference_falls_below_d_only_in_high_dimension():
+    """The rejection threshold: the two-nearest-neighbour dimension of uniform cube points
+    is d within sampling error for d = 1, 2 and well below d for d = 20 (N = 1000)."""
+    from atlasdist.intrinsic_dimension import _uniform_reference
+
+    for d in (1, 2):
+        assert abs(_uniform_reference(1000, 1000, d) - d) < 3 * d / math.sqrt(1000)
+    assert _uniform_reference(1000, 1000, 20) < 17
 
 
 def test_estimate_is_invariant_to_similarities():
