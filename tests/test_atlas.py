@@ -360,6 +360,17 @@ def test_bad_input():
         AtlasFlow.spheres(1, torch.zeros(1, 2), torch.tensor([-1.0]), torch.tensor([[0.0, 1]]))
 
 
+@pytest.mark.parametrize("part", ["charts", "flow_modules"])
+def test_nan_parameters_are_named_not_taken_for_off_support_points(part):
+    atlas = AtlasFlow(3, 2, 4, hidden=(8,), layers=1, membership=ChartMembership(m=2)).double()
+    x = atlas.flow().sample((5,))
+    with torch.no_grad():
+        for prm in getattr(atlas, part).parameters():
+            prm.fill_(math.nan)
+    with pytest.raises(ValueError, match="parameters hold NaN"):
+        atlas.flow(validate_args=True).log_prob(x)
+
+
 def test_is_a_pyro_distribution():
     p = A.sphere(0).flow()
     assert isinstance(p, AtlasFlowDistribution)

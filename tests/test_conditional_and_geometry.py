@@ -237,6 +237,24 @@ def test_indexed_matvec_equals_the_gathered_product(seed, charts, rows, lead, tr
     torch.testing.assert_close(jvp[1], (frames0 @ tangent.unsqueeze(-1)).squeeze(-1))
 
 
+@given(seed=seeds, charts=st.integers(2, 5), rows=st.integers(2, 30))
+def test_a_non_finite_row_reaches_only_its_own_charts_gradient(seed, charts, rows):
+    """Rows padding a tile copy a row of the same chart: an infinite row spoils the gradient
+    of its own chart's matrix only, not those of the other charts."""
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(charts, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(charts, (rows,), generator=gen)
+    index[1] = (index[0] + 1) % charts  # another chart has rows too
+    x = torch.randn(rows, 3, generator=gen, dtype=torch.float64)
+    x[0] = math.inf
+    y = indexed_matvec(w, index, x)
+    (grad,) = torch.autograd.grad(torch.where(torch.isfinite(y), y, 0).sum(), w)
+    finite = torch.isfinite(grad).flatten(1).all(-1)
+    spoiled = torch.zeros(charts, dtype=torch.bool)
+    spoiled[index[0]] = True
+    assert torch.equal(finite, ~spoiled)
+
+
 @given(seed=seeds, d=st.integers(1, 4), charts=st.integers(1, 5), lead=st.integers(0, 1))
 def test_chart_aware_latent_flows_equal_row_wise_conditioning(seed, d, charts, lead):
     """ChartSpline (knots once per chart) and the ChartDenseNN coupling (chart part of the

@@ -7,8 +7,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from atlasdist import LearnedCharts
+from atlasdist._checks import no_validation
 from atlasdist.geometry import jacobian, log_volume_ratio
-from atlasdist.transforms import ChartContext, ConformalTransform, Mobius
+from atlasdist.transforms import (
+    ChartContext,
+    ConformalEmbedding,
+    ConformalTransform,
+    InverseStereographic,
+    Mobius,
+    Scale,
+    Shift,
+)
 
 names = st.sampled_from(sorted(CASES))
 dims = st.integers(1, 4)
@@ -95,7 +104,7 @@ def _check_inverse_and_error(f, y, params=()):
     ref_x = f.inv(y)
     recon, ref_ladj = f.call_and_ladj(ref_x)
     ref_error = (recon - y).norm(dim=-1)
-    assert x.shape == ref_x.shape and error.shape == ladj.shape == y.shape[:-1]
+    assert x.shape == ref_x.shape and error.shape == ladj.shape == ref_error.shape
     torch.testing.assert_close(x, ref_x, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(error, ref_error, atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(ladj, ref_ladj, atol=1e-10, rtol=1e-10)
@@ -122,6 +131,37 @@ def test_inverse_and_error_matches_the_reconstruction(name, d, extra, seed):
     off = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype)
     params = [p for p in getattr(f, "parameters", list)() if p.requires_grad]
     _check_inverse_and_error(f, torch.cat([y, off]), params)
+
+
+def test_inverse_and_error_broadcasts_batched_parameters_like_the_inverse():
+    gen = torch.Generator().manual_seed(0)
+    f = ConformalEmbedding(
+        [
+            InverseStereographic(2),
+            Scale(3, log_scale=torch.randn(4, generator=gen, dtype=torch.float64)),
+            Shift(3, shift=torch.randn(4, 3, generator=gen, dtype=torch.float64)),
+        ]
+    )
+    for y in (torch.randn(3, dtype=torch.float64), torch.randn(1, 3, dtype=torch.float64)):
+        _check_inverse_and_error(f, y)
+
+
+def test_indexed_chart_inverse_and_error_under_vmap():
+    """The distance of a learned chart under vmap over the chart features (no in-place
+    product on an unbatched buffer)."""
+    gen = torch.Generator().manual_seed(0)
+    spec = randomize(LearnedCharts(3, 2, 5, 3, hidden=(4,)).double(), gen, 0.5)
+    index = torch.tensor([0, 2, 2, 1])
+    y = torch.randn(4, 5, generator=gen, dtype=torch.float64)
+    features = torch.randn(6, 3, 3, generator=gen, dtype=torch.float64)
+
+    def error(f):
+        return spec.embedding(ChartContext(f, index)).inverse_and_error(y)[1]
+
+    with torch.no_grad(), no_validation():  # value checks are control flow, not vmap-able
+        batched = torch.func.vmap(error)(features)
+        expected = torch.stack([error(f) for f in features])
+    torch.testing.assert_close(batched, expected)
 
 
 @given(

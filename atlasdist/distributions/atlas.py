@@ -303,6 +303,14 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             term = t.log_abs_det_jacobian(previous, z)
             log_det = log_det + (term.sum(-1) if t.domain.event_dim == 0 else term)
             z = previous
+        if getattr(self.base, "_validate_args", False) and not bool(torch.isfinite(z).all()):
+            # The chart coordinates were finite: the latent flows made the NaN (their
+            # parameters), which the base distribution's own check would call a bad value.
+            raise ValueError(
+                "AtlasFlowDistribution: the latent flows map chart coordinates to NaN or "
+                "infinite values: the model's flow parameters hold NaN or infinite entries, "
+                "or the flows overflow"
+            )
         return z, self.base.log_prob(z) - log_det
 
     def _pairs(self, x: torch.Tensor, shape: torch.Size, on_image_only: bool = False):
@@ -351,6 +359,11 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             all_defined = bool(defined.all())
             if not all_defined:
                 anchor = emb(torch.zeros_like(u)).detach()
+                if not bool(torch.isfinite(anchor).all()):
+                    raise ValueError(
+                        "AtlasFlowDistribution: the charts map z = 0 to NaN or infinite points; "
+                        "the model's chart parameters hold NaN or infinite entries"
+                    )
                 stand_in = torch.where(defined.unsqueeze(-1), xs, anchor)
                 if recon_needed:
                     u = emb.inv(stand_in)

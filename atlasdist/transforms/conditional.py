@@ -416,9 +416,8 @@ class ChartDenseNN(ConditionalDenseNN):
         rows = per_chart.index_select(0, context.index)
         if e:
             rows = torch.addmm(rows, context.inputs, first.weight[:, f:c].mT)
-        if x.dim() == 2:  # the chart part enters the product as its added term, in place
-            # (rows is a fresh gather that autograd does not keep: no copy of it into h)
-            h = rows.addmm_(x, first.weight[:, c:].mT)
+        if x.dim() == 2:  # the chart part enters the product as its added term
+            h = torch.addmm(rows, x, first.weight[:, c:].mT)
         else:
             h = nn.functional.linear(x, first.weight[:, c:]) + rows
         # A ReLU in place: h is a fresh product that autograd does not keep (a linear layer

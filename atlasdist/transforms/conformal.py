@@ -374,15 +374,9 @@ class StiefelEmbedding(InjectiveTransform):
                     out = out - per_tile(shift_in_chart, chart)
                 if residual:
                     # y - o - W c = y - [z, 1] [V, o]^T + [c; 0], c = W^T (y - o), in one
-                    # product that accumulates into y (in place when nothing needs y's grad).
+                    # product that accumulates onto y.
                     left, right = factors(out, vk, tk, chart)
-                    keep = torch.is_grad_enabled() and any(
-                        t.requires_grad for t in (tiles, left, right)
-                    )
-                    if keep:
-                        diff = torch.baddbmm(tiles, left, right.mT, alpha=-1)
-                    else:
-                        diff = tiles.baddbmm_(left, right.mT, alpha=-1)
+                    diff = torch.baddbmm(tiles, left, right.mT, alpha=-1)
                     diff[..., :d] += out
                     error = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
                 out = out if log_scale is None else out / per_tile(scale, chart)
@@ -939,6 +933,9 @@ class ConformalEmbedding(InjectiveCompose):
             recon, inner = _call_and_log_factor(self.parts[:outer], x)
             distances.append((recon - y).norm(dim=-1) * torch.exp(log_scale))
             log_factor = log_factor + inner
+        # Parameters with batch dimensions broadcast with the rows, as in inv / call_and_ladj.
+        shape = torch.broadcast_shapes(shape, x.shape[:-1], *(t.shape for t in distances))
+        log_factor = (x.shape[-1] * log_factor).expand(shape)
         # One norm of the terms (its gradient at 0 is 0, where a square root's is not finite).
         terms = torch.stack([t.expand(shape) for t in distances], -1)
-        return x, torch.linalg.vector_norm(terms, dim=-1), (x.shape[-1] * log_factor).expand(shape)
+        return x, torch.linalg.vector_norm(terms, dim=-1), log_factor

@@ -85,12 +85,17 @@ class _TilePlan:
         inverse[order] = torch.arange(total, device=order.device)
         self.row_tile = row_tile.index_select(0, inverse)
         self.slot = slot.index_select(0, inverse)
-        # Flat position of each row among the tile slots, and the row each slot reads (a slot
-        # that pads a tile reads row 0: a finite row whose output there is dropped, so tiles
-        # are gathered in one pass, with no zero fill).
+        # Flat position of each row among the tile slots, and the row each slot reads, so
+        # tiles are gathered in one pass with no zero fill: a slot that pads a tile reads the
+        # tile's first row (same chart; its output there is dropped); a tile without rows (a
+        # chart absent from the direct layout) is zeroed after the gather.
         self.position = self.row_tile * tile + self.slot
-        self.source = torch.zeros(self.num_tiles * tile, dtype=torch.long, device=index.device)
-        self.source[self.position] = torch.arange(total, device=index.device)
+        source = torch.full((self.num_tiles, tile), -1, dtype=torch.long, device=index.device)
+        source.view(-1)[self.position] = torch.arange(total, device=index.device)
+        first = source[:, :1].clamp_min(0)
+        self.source = torch.where(source < 0, first, source).view(-1)
+        absent = counts == 0
+        self.empty_tiles = absent.nonzero().squeeze(-1) if direct and bool(absent.any()) else None
         self.total, self.charts = total, charts
 
 
@@ -139,6 +144,8 @@ def tiled(
     if plan is None or plan.total != flat.shape[0] or plan.charts != charts:
         plan = tile_plan(index, charts, flat.shape[0], row_elements=flat.shape[-1])
     padded = flat.index_select(0, plan.source).view(plan.num_tiles, plan.tile, flat.shape[-1])
+    if plan.empty_tiles is not None:  # charts without rows: zeros, not a copy of any row
+        padded = padded.index_fill(0, plan.empty_tiles, 0)
     out = fn(padded, plan.tile_chart)
     y = out.reshape(-1, out.shape[-1]).index_select(0, plan.position)
     return y.reshape(lead + (rows, out_features))
