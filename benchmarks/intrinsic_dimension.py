@@ -111,6 +111,8 @@ def table(rows, methods):
         lines.append("|---|---|---|" + "---|" * len(methods))
         hits = {m: 0 for m in methods}
         runs = {m: 0 for m in methods}
+        low = {m: 0 for m in methods}  # hits on the manifolds of dimension <= 5
+        low_runs = {m: 0 for m in methods}
         for name in names:
             cells = []
             for m in methods:
@@ -119,7 +121,11 @@ def table(rows, methods):
                     key=lambda r: r["seed"],
                 )
                 runs[m] += len(rs)
-                hits[m] += sum(_rounded(r["estimate"]) == str(r["d"]) for r in rs)
+                hit = sum(_rounded(r["estimate"]) == str(r["d"]) for r in rs)
+                hits[m] += hit
+                if rs and rs[0]["d"] <= 5:
+                    low[m] += hit
+                    low_runs[m] += len(rs)
                 text = "/".join(_rounded(r["estimate"]) for r in rs) or "-"
                 cells.append(
                     f"**{text}**"
@@ -131,6 +137,11 @@ def table(rows, methods):
         lines.append(
             "| **exact hits** | | | "
             + " | ".join(f"**{hits[m]}/{runs[m]}**" for m in methods)
+            + " |"
+        )
+        lines.append(
+            "| exact hits, d <= 5 | | | "
+            + " | ".join(f"{low[m]}/{low_runs[m]}" for m in methods)
             + " |"
         )
         seconds = {m: sum(r["seconds"] for r in sub if r["method"] == m) for m in methods}
@@ -151,15 +162,19 @@ def main(argv=None):
     parser.add_argument("--manifolds", nargs="+", default=None)
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS))
     parser.add_argument("--log", default=None, help="append one JSON line per run here")
-    parser.add_argument("--from-log", default=None, help="only tabulate the runs of a log")
+    parser.add_argument(
+        "--from-log", nargs="+", default=None, help="only tabulate the runs of these logs"
+    )
     parser.add_argument("--out", default=None, help="write the Markdown table here")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     import skdim
 
     if args.from_log:
-        with open(args.from_log) as f:
-            rows = [json.loads(line) for line in f if line.strip()]
+        rows = []
+        for path in args.from_log:
+            with open(path) as f:
+                rows += [json.loads(line) for line in f if line.strip()]
         methods = list(dict.fromkeys(r["method"] for r in rows))
     else:
         names = args.manifolds or (
