@@ -341,7 +341,7 @@ def estimate_intrinsic_dimension(
     curvature at the scale of the chart: the pooled maximum-likelihood estimate is
     :math:`\hat d_{\mathrm{NN}} = n / \sum_i t_i`, of standard error
     :math:`\hat d_{\mathrm{NN}}/\sqrt n`. In high dimension it is too small (boundaries and
-    positive curvature within :math:`r_2`: 15.7 for 2500 uniform points of a 20-cube). A
+    positive curvature within :math:`r_2`: 15.4 for 2500 uniform points of a 20-cube). A
     dimension :math:`d` is *rejected* when :math:`\hat d_{\mathrm{NN}}` lies more than three
     standard errors below :math:`c(d)`, the same statistic on :math:`N` uniform points of the
     cube :math:`[0, 1]^d` (the most boundary-dominated uniform sample; computed once per
@@ -356,7 +356,7 @@ def estimate_intrinsic_dimension(
     span (rank :math:`\le D`), so no :math:`d` above the rank is possible and an exact linear
     constraint is no dimension. Flatness is tested for :math:`d \le \min(d_{\max}, 24)`
     (``flat_dimensions``; a bound on the cost); a chart with no flat :math:`d` below the rank
-    is full-dimensional when the rank is at most :math:`\min(d_{\max}, 24) + 1`. Each of
+    :math:`r` is :math:`r`-dimensional when :math:`r \le d_{\max}` and :math:`r \le 25`. Each of
     :math:`M` charts at random anchors answers (``chart_dimensions``: its flat dimension, or
     the distance likelihood of the 50 points nearest its anchor): ``probabilities`` is their
     distribution over :math:`1..D` and ``interval`` their 10-90% range, a spread-out
