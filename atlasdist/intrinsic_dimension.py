@@ -205,9 +205,11 @@ def _local_charts(z, anchors, min_ratio, max_dim):
 
 def _two_nn_log_ratios(z: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     r""":math:`\log(r_2 / r_1)` of the points ``z[rows]``, with :math:`r_1 \le r_2` their
-    distances to their two nearest other points of ``z``; shape ``rows.shape``, ``inf`` for a
-    duplicated point (:math:`r_1 = 0`)."""
+    distances to their two nearest other points of ``z`` (distinct points, at least 3); shape
+    ``rows.shape``."""
     N = z.shape[0]
+    if rows.numel() == 0:
+        return z.new_zeros(0)
     # blocks of rows bound the memory of the distance matrix (a loop over blocks, not points)
     block = max(1, min(rows.numel(), _DISTANCE_ENTRIES // N))
     out = []
@@ -336,7 +338,8 @@ def estimate_intrinsic_dimension(
     of a torus), :math:`\hat d_{\mathrm{flat}}` is too large, never too small.
 
     **The distance likelihood.** With :math:`r_1 \le r_2` the distances of point :math:`i` to
-    its two nearest neighbours, :math:`t_i = \log(r_2/r_1) \sim \mathrm{Exp}(d)` for points
+    its two nearest neighbours (among the distinct points),
+    :math:`t_i = \log(r_2/r_1) \sim \mathrm{Exp}(d)` for points
     of locally constant density on a :math:`d`-manifold (Facco et al. 2017), whatever its
     curvature at the scale of the chart: the pooled maximum-likelihood estimate is
     :math:`\hat d_{\mathrm{NN}} = n / \sum_i t_i`, of standard error
@@ -354,7 +357,8 @@ def estimate_intrinsic_dimension(
 
     **Span, scale and agreement.** The data are first mapped isometrically onto their affine
     span (rank :math:`\le D`), so no :math:`d` above the rank is possible and an exact linear
-    constraint is no dimension. Flatness is tested for :math:`d \le \min(d_{\max}, 24)`
+    constraint is no dimension, and repeated points are dropped (they carry no geometry).
+    Flatness is tested for :math:`d \le \min(d_{\max}, 24)`
     (``flat_dimensions``; a bound on the cost); a chart with no flat :math:`d` below the rank
     :math:`r` is :math:`r`-dimensional when :math:`r \le d_{\max}` and :math:`r \le 25`. Each of
     :math:`M` charts at random anchors answers (``chart_dimensions``: its flat dimension, or
@@ -373,7 +377,8 @@ def estimate_intrinsic_dimension(
 
     Arguments:
         x: data, shape :math:`(N, D)`.
-        charts: the number :math:`M` of local charts (default :math:`\min(100, N)`); with
+        charts: the number :math:`M` of local charts (default :math:`\min(100, N)`, at most
+            the number of distinct points); with
             ``steps``, also the number of the flow's charts (default
             :math:`\min(16, \lfloor N / \max(50, 10D) \rfloor)`, at least 1).
         noise: the flow's spread :math:`\sigma` (only with ``steps``).
@@ -452,24 +457,34 @@ def estimate_intrinsic_dimension(
     evals, evecs = torch.linalg.eigh(z.T @ z / N)
     rank = max(1, int((evals > _RANK_TOLERANCE * evals[-1]).sum()))
     z = z @ evecs[:, -rank:].flip(-1)
+    # duplicated points carry no geometry (and a duplicate's r_1 is 0): keep the first of each,
+    # in the data's order
+    _, inverse = torch.unique(z, dim=0, return_inverse=True)
+    first = torch.full((int(inverse.max()) + 1,), N, dtype=torch.long, device=z.device)
+    first = first.scatter_reduce(0, inverse, torch.arange(N, device=z.device), "amin")
+    z = z[first.sort().values]
+    U = z.shape[0]
+    local_charts = min(local_charts, U)
     gen = torch.Generator().manual_seed(seed) if seed is not None else torch.Generator()
     if seed is None:
         gen.seed()
-    anchors = torch.randperm(N, generator=gen, device="cpu")[:local_charts].to(z.device)
-    if N > _MAX_ROWS:
-        rows = torch.randperm(N, generator=gen, device="cpu")[:_MAX_ROWS].to(z.device)
+    anchors = torch.randperm(U, generator=gen, device="cpu")[:local_charts].to(z.device)
+    if U < 3:  # no second neighbour: the distances say nothing
+        rows = torch.arange(0, device=z.device)
+    elif U > _MAX_ROWS:
+        rows = torch.randperm(U, generator=gen, device="cpu")[:_MAX_ROWS].to(z.device)
     else:
-        rows = torch.arange(N, device=z.device)
+        rows = torch.arange(U, device=z.device)
     log_ratios = _two_nn_log_ratios(z, rows)
     distance_dimension = _pareto_dimension(log_ratios)
-    max_dim = _largest_unrejected(distance_dimension, N, rows.numel(), rank)
+    max_dim = _largest_unrejected(distance_dimension, U, rows.numel(), rank)
     flat, span_gaps, span_sizes, order = _local_charts(z, anchors, min_ratio, max_dim)
     log_gaps = torch.full((local_charts, D), math.nan, dtype=z.dtype, device=z.device)
     log_gaps[:, :rank] = span_gaps
-    sizes = torch.tensor([_chart_size(d, N)[0] for d in range(1, D + 1)], dtype=torch.long)
+    sizes = torch.tensor([_chart_size(d, U)[0] for d in range(1, D + 1)], dtype=torch.long)
 
     # each chart's fallback: the likelihood of d on the ratios of its nearest rows
-    position = torch.full((N,), -1, dtype=torch.long, device=z.device)
+    position = torch.full((U,), -1, dtype=torch.long, device=z.device)
     position[rows] = torch.arange(rows.numel(), device=z.device)
     in_rows = position[order] >= 0
     k = min(_LOCAL_RATIOS, rows.numel())
