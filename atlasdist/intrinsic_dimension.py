@@ -86,7 +86,8 @@ class IntrinsicDimension:
         max_dimension: :math:`d_{\max}`, the largest :math:`d` that the distance ratios do not
             reject.
         flat_dimensions: the smallest :math:`d \le d_{\max}` at which chart :math:`m` is flat,
-            shape :math:`(M,)`, 0 where there is none.
+            shape :math:`(M,)`: the rank :math:`r` of the data where no :math:`d < r` is flat,
+            :math:`r \le d_{\max}` and :math:`r \le 25`; 0 where there is none.
     """
 
     dimension: int
