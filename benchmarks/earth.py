@@ -402,7 +402,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="smoke run: tiny sets, 2 epochs")
     parser.add_argument("--subset", type=int, default=0, help="use the first N points only")
     parser.add_argument("--epochs", type=int, default=20000)
-    parser.add_argument("--time-limit", type=float, default=270.0, help="seconds per fit")
+    parser.add_argument("--time-limit", type=float, default=360.0, help="seconds per fit")
     parser.add_argument("--sphere-time-limit", type=float, default=60.0, help="per SphereFlow")
     parser.add_argument("--patience", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=1024)
