@@ -88,6 +88,16 @@ def torus(seed: int, scale: float = 0.2) -> AtlasFlow:
     return randomize_flows(atlas.double(), seed, scale)
 
 
+def tori(seed: int, scale: float = 0.2) -> AtlasFlow:
+    """The flat torus S^1 x S^1 in R^4 covered by two product charts (AtlasFlow.tori) whose
+    random poles differ in both angles."""
+    gen = torch.Generator().manual_seed(seed)
+    first = 2 * math.pi * torch.rand(2, generator=gen, dtype=torch.float64)
+    poles = torch.stack([first, first + math.pi / 2 + torch.rand(2, generator=gen).double()])
+    atlas = AtlasFlow.tori(poles, hidden=(8,), layers=1)
+    return randomize_flows(atlas, seed, scale)
+
+
 def conformal_chart(seed: int, scale: float = 0.2) -> AtlasFlow:
     """One learned conformal chart of R^2 into R^3: a random plane bent into a sphere by a
     Möbius map whose pole is off the plane, then scaled and shifted."""

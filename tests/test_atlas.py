@@ -21,6 +21,7 @@ ATLASES = {
     "two_circles": A.two_circles,
     "sphere": A.sphere,
     "torus": A.torus,
+    "tori": A.tori,
     "conformal": lambda s: A.conformal_chart(s)[0],
     # Every chart a candidate (m = K): the candidate sets are complete, log_prob is exact.
     "learned_default": lambda s: A.randomize_flows(
@@ -41,7 +42,7 @@ def on_manifold_distance(name, x):
         da = ((x - torch.tensor([-2.0, 0.0]).double()).norm(dim=-1) - 1).abs()
         db = ((x - torch.tensor([2.0, 1.0]).double()).norm(dim=-1) - 0.5).abs()
         return torch.minimum(da, db)
-    if name == "torus":
+    if name in ("torus", "tori"):
         return (x[..., :2].norm(dim=-1) - 1).abs() + (x[..., 2:].norm(dim=-1) - 1).abs()
     return None
 
