@@ -117,8 +117,8 @@ def tiled(
     rows in tiles of one chart each, shape :math:`(\text{tiles}, T, n)`, and the chart of
     each tile (or None when the tiles are the :math:`K` charts in order; look tables up with
     :func:`per_tile`), and returns :math:`(\text{tiles}, T, m)`; rows padding a tile are
-    copies of a row of ``x`` and their outputs are dropped, so ``fn`` must act on each row
-    independently.
+    copies of the tile's first row (the tile of a chart without rows is zeros) and their
+    outputs are dropped, so ``fn`` must act on each row independently.
 
     Arguments:
         fn: the tile map.
