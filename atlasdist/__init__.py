@@ -19,6 +19,7 @@ from .charts import (
     PlaneCharts,
     SharedChart,
     SphereCharts,
+    TorusCharts,
 )
 from .distributions import (
     AtlasFlowDistribution,
@@ -58,6 +59,7 @@ __all__ = [
     "ChartMembership",
     "ChartStack",
     "SphereCharts",
+    "TorusCharts",
     "PlaneCharts",
     "LearnedCharts",
     "SharedChart",

@@ -21,6 +21,7 @@ from .charts.specs import (
     LearnedCharts,
     PlaneCharts,
     SphereCharts,
+    TorusCharts,
     as_charts,
 )
 from .distributions.atlas import AtlasFlowDistribution
@@ -359,37 +360,18 @@ class AtlasFlow(LazyDistribution):
             >>> x.shape, x.unflatten(-1, (2, 2)).norm(dim=-1).allclose(torch.ones(3, 2))
             (torch.Size([3, 4]), True)
         """
-        from .charts.specs import SharedChart
-        from .transforms import InverseStereographic, ProductEmbedding
-
-        poles = torch.as_tensor(poles)
-        if poles.dim() != 2 or poles.shape[0] < 1 or poles.shape[1] < 1:
-            raise ValueError(
-                "AtlasFlow.tori: poles must be pole angles of shape (K, n), one row per chart, "
-                f"got shape {tuple(poles.shape)}; for one chart of T^n pass shape (1, n)"
-            )
-        if poles.dtype not in (torch.float32, torch.float64):
-            raise TypeError(
-                f"AtlasFlow.tori: poles have dtype {poles.dtype}; pass float32 or float64 "
-                "angles in radians, e.g. poles.to(torch.float64)"
-            )
-        check_parameter(poles, "poles", "AtlasFlow.tori")
-        K, n = poles.shape
-        units = torch.stack([poles.cos(), poles.sin()], -1)  # (K, n, 2)
-        specs = [
-            SharedChart(ProductEmbedding([InverseStereographic(1, pole=p) for p in units[k]]))
-            for k in range(K)
-        ]
+        charts = TorusCharts(poles)  # checks the poles
+        K, n = charts.num_charts, charts.in_features
         kwargs.setdefault("membership", ChartMembership(m=K))
         return cls(
             2 * n,
             n,
-            specs,
-            centres=(-units).flatten(-2),
+            charts,
+            centres=charts.centres(),
             learn_centres=False,
-            context=torch.eye(K, dtype=poles.dtype),
+            context=torch.eye(K, dtype=charts.centres().dtype),
             **kwargs,
-        ).to(poles.dtype)
+        ).to(charts.centres().dtype)
 
     @classmethod
     def from_autoencoder(

@@ -15,6 +15,7 @@ from atlasdist import (
     PlaneCharts,
     SharedChart,
     SphereCharts,
+    TorusCharts,
 )
 from atlasdist.transforms import (
     ConformalEmbedding,
@@ -221,4 +222,7 @@ CHART_SPECS = {
     "PlaneCharts": _plane_charts,
     "LearnedCharts": _learned_charts,
     "SharedChart(torus)": _shared_torus,
+    "TorusCharts": lambda K, seed: TorusCharts(
+        6.2 * torch.rand(K, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ),
 }

@@ -11,6 +11,7 @@ from .specs import (
     PlaneCharts,
     SharedChart,
     SphereCharts,
+    TorusCharts,
     as_charts,
 )
 from .vq import VQAutoencoder, mlp
@@ -27,5 +28,6 @@ __all__ = [
     "PlaneCharts",
     "LearnedCharts",
     "SharedChart",
+    "TorusCharts",
     "as_charts",
 ]

@@ -26,6 +26,7 @@ from ..transforms import (
     ChartContext,
     Conditional,
     ConditionalCompose,
+    ConditionalProduct,
     InjectiveTransform,
     InverseStereographic,
     Mobius,
@@ -299,6 +300,61 @@ class LearnedCharts(ConditionedCharts):
             Conditional(Similarity, d + 1, D, context_features=c, hidden=hidden),
         ]
         super().__init__(ConditionalCompose(layers), num_charts, d, D)
+
+
+class TorusCharts(ConditionedCharts):
+    r"""Product charts of the flat torus :math:`T^n \subset \mathbb{R}^{2n}` (one
+    :math:`(\cos\theta_j, \sin\theta_j)` pair per angle, as
+    :func:`~atlasdist.datasets.flat_torus`): chart :math:`k` is the product of :math:`n`
+    inverse stereographic projections of the unit circle from the poles
+    :math:`q_{kj} = (\cos\phi_{kj}, \sin\phi_{kj})`,
+
+    .. math:: c_k(u) = \big(\sigma_{q_{k1}}^{-1}(u_1), \dots,
+        \sigma_{q_{kn}}^{-1}(u_n)\big), \qquad
+        \tfrac12 \log\det J^\top J = \sum_j \log \frac{2}{1 + u_j^2}.
+
+    Each chart covers the torus but the points with an angle at its pole; charts whose poles
+    differ in every angle cover it together (:meth:`AtlasFlow.tori
+    <atlasdist.AtlasFlow.tori>`).
+
+    Arguments:
+        poles: pole angles :math:`\phi_{kj}` in radians, shape :math:`(K, n)`, float32 or
+            float64.
+        learnable: whether the pole tables are learned.
+
+    Example:
+        >>> charts = TorusCharts(torch.tensor([[0.0, 0.0], [3.0, 1.5]]))
+        >>> charts.centres().shape  # the points opposite the poles
+        torch.Size([2, 4])
+    """
+
+    def __init__(self, poles, learnable: bool = False):
+        poles = torch.as_tensor(poles)
+        if poles.dim() != 2 or poles.shape[0] < 1 or poles.shape[1] < 1:
+            raise ValueError(
+                "TorusCharts: poles must be pole angles of shape (K, n), one row per chart, "
+                f"got shape {tuple(poles.shape)}; for one chart of T^n pass shape (1, n)"
+            )
+        if poles.dtype not in (torch.float32, torch.float64):
+            raise TypeError(
+                f"TorusCharts: poles have dtype {poles.dtype}; pass float32 or float64 "
+                "angles in radians, e.g. poles.to(torch.float64)"
+            )
+        check_parameter(poles, "poles", "TorusCharts")
+        K, n = poles.shape
+        units = torch.stack([poles.cos(), poles.sin()], -1)  # (K, n, 2)
+        north = units.new_tensor([0.0, 1.0])
+        tables = (units - north).unbind(1)  # per angle, (K, 2): the raw pole of each chart
+        parts = ConditionalProduct(
+            [Conditional(InverseStereographic, 1, table=t, learnable=learnable) for t in tables]
+        )
+        super().__init__(parts, K, n, 2 * n)
+        self.table_names = tuple(f"pole {j}" for j in range(n))
+
+    def centres(self) -> torch.Tensor:
+        north = self.table("pole 0").new_tensor([0.0, 1.0])
+        poles = [nn.functional.normalize(self.table(n) + north, dim=-1) for n in self.table_names]
+        return -torch.cat(poles, -1)
 
 
 class SharedChart(ChartSpec):

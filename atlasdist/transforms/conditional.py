@@ -41,6 +41,7 @@ from .._checks import (
 )
 from .conformal import ConformalEmbedding
 from .injective import InjectiveCompose, is_conformal
+from .product import ProductEmbedding
 from .spline import RationalQuadraticSpline, spline_knots
 
 __all__ = [
@@ -49,6 +50,7 @@ __all__ = [
     "ChartTable",
     "Conditional",
     "ConditionalCompose",
+    "ConditionalProduct",
     "ChartDenseNN",
     "ChartSpline",
     "chart_affine_coupling",
@@ -389,6 +391,26 @@ class ConditionalCompose(ConditionalTransformModule):
         parts = [condition(p, context) for p in self.parts]
         compose = ConformalEmbedding if all(map(is_conformal, parts)) else InjectiveCompose
         return compose(parts, in_features=self.in_features)
+
+
+class ConditionalProduct(ConditionalCompose):
+    r"""Conditional product embedding: ``condition(v)`` conditions every conditional part and
+    combines the results into a :class:`~atlasdist.transforms.ProductEmbedding`,
+    :math:`(u_1, \dots, u_n) \mapsto (c_1(u_1), \dots, c_n(u_n))` (e.g. the product charts
+    of a torus, one stereographic circle per angle with a pole per chart).
+
+    Example:
+        >>> from atlasdist.transforms import InverseStereographic
+        >>> c = ConditionalProduct([
+        ...     Conditional(InverseStereographic, 1, table=torch.zeros(3, 2)),
+        ...     Conditional(InverseStereographic, 1, table=torch.zeros(3, 2))])
+        >>> ctx = ChartContext(torch.eye(3), torch.tensor([0, 2]))
+        >>> c.condition(ctx)(torch.zeros(2, 2)).shape
+        torch.Size([2, 4])
+    """
+
+    def condition(self, context):
+        return ProductEmbedding([condition(p, context) for p in self.parts])
 
 
 class ChartDenseNN(ConditionalDenseNN):
