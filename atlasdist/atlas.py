@@ -126,6 +126,14 @@ class AtlasFlow(LazyDistribution):
             then take a context of the chart code's width plus :math:`\min(e,` ``code_features``
             :math:`)`.
 
+    **Evaluation with fixed parameters.** Under ``torch.no_grad`` (or ``inference_mode``)
+    the per-chart quantities (frames, knots, the chart part of the coupling networks) are
+    computed once and kept until a parameter or buffer changes
+    (:mod:`atlasdist.transforms.cache`): repeated ``log_prob`` or ``sample`` calls then skip
+    all per-chart work. With gradients on, everything is computed per call, as training
+    needs. Set ``atlas.cache_charts = False`` to turn the cache off; after changing
+    parameters through ``.data`` call :func:`~atlasdist.transforms.clear_chart_cache`.
+
     Example:
         >>> atlas = AtlasFlow(D=3, d=2, charts=4)
         >>> p = atlas()
@@ -137,6 +145,8 @@ class AtlasFlow(LazyDistribution):
         >>> x.shape, p.log_prob(x).shape
         (torch.Size([2, 7, 3]), torch.Size([2, 7]))
     """
+
+    cache_charts: bool = True  # keep per-chart quantities between gradient-free calls
 
     def __init__(
         self,
@@ -478,4 +488,5 @@ class AtlasFlow(LazyDistribution):
             atol=self.atol,
             noise_scale=self.noise_scale if noise_scale is ... else noise_scale,
             validate_args=validate_args,
+            cache=self if self.cache_charts else None,
         )

@@ -7,6 +7,7 @@ on the chart's context (by default its centre :math:`v_k`), so that all charts s
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -26,11 +27,22 @@ from .._checks import (
 from ..charts.specs import as_charts
 from ..geometry import batched_jacobian
 from ..transforms import ChartContext, condition
+from ..transforms.cache import cached, chart_cache_scope
 from .embedded import EmbeddedDistribution, latent_dim_of
 
 __all__ = ["AtlasFlowDistribution"]
 
 _EMPTY = torch.Size()
+
+
+def _in_cache_scope(method):
+    # Per-chart quantities computed inside may be kept between calls (transforms.cache).
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with chart_cache_scope(self.cache):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class AtlasFlowDistribution(EmbeddedDistribution):
@@ -90,7 +102,9 @@ class AtlasFlowDistribution(EmbeddedDistribution):
     conditioned flows over all (point, candidate) pairs); ``sample`` evaluates only the
     drawn chart of each draw. Work that depends only on the chart (embedding frames, poles,
     scales, shifts, the chart part of the latent flows' networks) is done once per chart per
-    call and gathered by chart index (:class:`~atlasdist.transforms.ChartContext`).
+    call and gathered by chart index (:class:`~atlasdist.transforms.ChartContext`); with
+    ``cache``, evaluation without gradients keeps that work between calls while the
+    parameters do not change (:mod:`atlasdist.transforms.cache`).
 
     Arguments:
         base: :math:`q`, a distribution with event shape :math:`(d,)` and batch shape ``()``.
@@ -115,6 +129,10 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             float32 and :math:`10^{-6}` in float64 (loose enough for data normalized in float32
             and cast to float64, like :func:`~atlasdist.manifolds.sphere_tolerance`).
         noise_scale: :math:`\sigma` of the thickened density, or ``None`` (exact density).
+        cache: the ``nn.Module`` holding every parameter and buffer the flows, charts,
+            contexts and chart code depend on (an :class:`~atlasdist.AtlasFlow` passes
+            itself), so per-chart quantities are kept between calls while they do not
+            change (:mod:`atlasdist.transforms.cache`); ``None``: computed on every call.
 
     Example:
         >>> from atlasdist import AtlasFlow
@@ -142,6 +160,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         noise_scale: float | None = None,
         batch_shape: torch.Size | None = None,
         validate_args: bool | None = None,
+        cache: torch.nn.Module | None = None,
     ):
         d = latent_dim_of(base)
         if centres.dim() != 2:
@@ -174,7 +193,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         self.base, self.flows, self.charts = base, list(flows), charts
         self.centres, self.logits, self.context = centres, logits, context
         self.chart_code, self.inputs = chart_code, inputs
-        self.membership = membership
+        self.membership, self.cache = membership, cache
         self.latent_dim = d
         self.atol, self.noise_scale = atol, noise_scale
         self.ambient_dim = charts.out_features
@@ -213,6 +232,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             inputs = inputs.expand(shape + inputs.shape[-1:]).reshape(-1, inputs.shape[-1])
         return log_weights, inputs
 
+    @_in_cache_scope
     def chart_maps(self, charts: torch.Tensor, inputs: torch.Tensor | None = None):
         r"""The latent flow :math:`h` and embedding :math:`c` of the given charts, conditioned
         row-wise: ``charts`` of shape :math:`(N,)` (and the latent flows' per-row ``inputs``
@@ -224,7 +244,11 @@ class AtlasFlowDistribution(EmbeddedDistribution):
 
     def _chart_features(self) -> torch.Tensor:
         # The features that condition the flows and charts, (K, f): once per call.
-        return self.context if self.chart_code is None else self.chart_code(self.context)
+        if self.chart_code is None:
+            return self.context
+        return cached(
+            self.chart_code, "features", (self.context,), lambda: self.chart_code(self.context)
+        )
 
     def _latent_flows(self, features, charts, inputs):
         ctx = ChartContext(features, charts, inputs)
@@ -245,6 +269,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             self._conditioning(shape)[1],
         ).reshape(shape + (self.ambient_dim,))
 
+    @_in_cache_scope
     def _decode_flat(self, flat_z, charts, inputs):
         flows, emb = self.chart_maps(charts, inputs)
         u = flat_z
@@ -313,6 +338,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             )
         return z, self.base.log_prob(z) - log_det
 
+    @_in_cache_scope
     def _pairs(self, x: torch.Tensor, shape: torch.Size, on_image_only: bool = False):
         """Evaluates every (point, candidate chart) pair of flat points ``x`` (N, D), a batch of
         shape ``shape``, in one batched pass; returns per-pair tensors of shape (N, C, ...).

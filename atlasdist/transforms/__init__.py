@@ -12,6 +12,7 @@ from ..manifolds import (
     unit_sphere,
 )
 from . import (
+    cache,
     conditional,
     conformal,
     indexed,
@@ -22,7 +23,8 @@ from . import (
     sphere,
     spline,
 )
-from .conditional import *  # noqa: F403  (the names are the submodules' __all__)
+from .cache import *  # noqa: F403  (the names are the submodules' __all__)
+from .conditional import *  # noqa: F403
 from .conformal import *  # noqa: F403
 from .indexed import *  # noqa: F403
 from .injective import *  # noqa: F403
@@ -42,6 +44,7 @@ __all__ = [
     *manifold.__all__,
     *spline.__all__,
     *conditional.__all__,
+    *cache.__all__,
     "unit_sphere",
     "sphere_tolerance",
     "helmert_basis",

@@ -39,6 +39,7 @@ from .._checks import (
     check_sizes,
     trusted_parameters,
 )
+from .cache import cached
 from .conformal import ConformalEmbedding
 from .injective import InjectiveCompose, is_conformal
 from .product import ProductEmbedding
@@ -327,12 +328,16 @@ class Conditional(ConditionalTransformModule):
         """The layer's raw parameters for ``context``, split by name: one row per context row,
         or per chart under a :class:`ChartContext` (per row when the context has per-row
         ``inputs`` and the source is a hypernet; a table is per chart and ignores them)."""
-        if isinstance(self.source, ChartTable):
-            flat = self.source() if isinstance(context, ChartContext) else self.source(context)
-        elif isinstance(context, ChartContext):
-            flat = self.source(context.features if context.per_chart else context.rows())
-        else:
-            flat = self.source(context)
+        if isinstance(self.source, ChartTable) and isinstance(context, ChartContext):
+            return cached(self, "raw", (), lambda: self._split(self.source()))
+        if isinstance(context, ChartContext) and context.per_chart:
+            features = context.features
+            return cached(self, "raw", (features,), lambda: self._split(self.source(features)))
+        if isinstance(context, ChartContext):
+            return self._split(self.source(context.rows()))
+        return self._split(self.source(context))
+
+    def _split(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         parts = flat.split(self.sizes, -1)
         return {
             name: part.reshape(part.shape[:-1] + shape)
@@ -434,7 +439,13 @@ class ChartDenseNN(ConditionalDenseNN):
                 f"ChartDenseNN: the network takes a context of {c} features, the chart context "
                 f"gives {f} chart features and {e} inputs"
             )
-        per_chart = nn.functional.linear(context.features, first.weight[:, :f], first.bias)
+        features = context.features
+        per_chart = cached(
+            self,
+            "chart terms",
+            (features,),
+            lambda: nn.functional.linear(features, first.weight[:, :f], first.bias),
+        )
         rows = per_chart.index_select(0, context.index)
         if e:
             rows = torch.addmm(rows, context.inputs, first.weight[:, f:c].mT)
@@ -528,6 +539,8 @@ class ChartSpline(ConditionalTransformModule):
         elif not context.per_chart:  # knots depend on each row's inputs
             knots = self.knots(context.rows())
         else:
-            knots, index = self.knots(context.features), context.index
+            features = context.features
+            knots = cached(self, "knots", (features,), lambda: self.knots(features))
+            index = context.index
         with trusted_parameters():
             return RationalQuadraticSpline(*knots, bound=self.bound, index=index)

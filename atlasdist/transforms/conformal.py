@@ -36,6 +36,7 @@ from .._checks import (
     trusted_parameters,
     validation_enabled,
 )
+from .cache import cached
 from .indexed import per_tile, tile_plan, tiled
 from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
@@ -172,6 +173,10 @@ def compact_wy(raw: torch.Tensor, rows: int, cols: int):
     triangle of :math:`V^\top V` with its diagonal halved (:math:`\tau_j = 2/|v_j|^2`; Puglisi
     1992), :math:`(*, k, k)`. Cost: one Gram matrix, :math:`O(n k^2)`, as a batched product.
     """
+    return cached(compact_wy, (rows, cols), (raw,), lambda: _compact_wy(raw, rows, cols))
+
+
+def _compact_wy(raw: torch.Tensor, rows: int, cols: int):
     v = _reflector_matrix(raw, rows, cols)  # the factors are the Gram matrix's diagonal
     gram = v.mT @ v
     tinv = torch.triu(gram, 1) + torch.diag_embed(gram.diagonal(dim1=-2, dim2=-1) / 2)
@@ -353,9 +358,18 @@ class StiefelEmbedding(InjectiveTransform):
         v, tinv = (t.to(x.dtype) for t in self.reflectors)
         d, D, charts = self.in_features, self.out_features, v.shape[0]
         if shift is not None and transpose:
-            shift_in_chart = self._wt(shift.to(x.dtype).unsqueeze(-2), v, tinv)
+            shift = shift.to(x.dtype)
+            shift_in_chart = cached(
+                StiefelEmbedding,
+                "W^T o",
+                (shift, v, tinv),
+                lambda: self._wt(shift[:, None], v, tinv),
+            )
         if log_scale is not None:
             scale = log_scale.to(x.dtype).exp()[:, None, None]
+        in_place = (
+            not torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
+        )
 
         def factors(u, vk, tk, chart):
             # o + W u = o + V z - [u; 0] with z = T V_{1:d}^T u, as one product [z, 1] [V, o]^T
@@ -376,7 +390,10 @@ class StiefelEmbedding(InjectiveTransform):
                     # y - o - W c = y - [z, 1] [V, o]^T + [c; 0], c = W^T (y - o), in one
                     # product that accumulates onto y.
                     left, right = factors(out, vk, tk, chart)
-                    diff = torch.baddbmm(tiles, left, right.mT, alpha=-1)
+                    if in_place:  # the tiles are a fresh gather no graph or vmap needs
+                        diff = tiles.baddbmm_(left, right.mT, alpha=-1)
+                    else:
+                        diff = torch.baddbmm(tiles, left, right.mT, alpha=-1)
                     diff[..., :d] += out
                     error = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
                 out = out if log_scale is None else out / per_tile(scale, chart)

@@ -10,6 +10,7 @@ import torch
 from torch.nn import functional as F
 
 from .._checks import check_parameter, parameters_trusted, trusted_parameters
+from .cache import cached
 from .conformal import store
 from .injective import InjectiveTransform
 
@@ -68,6 +69,14 @@ def _check_knots(xs, ys, ds, bound: float) -> None:
             )
     if not bool((ds > 0).all()):
         raise ValueError(f"{name}: the knot derivatives ds must be > 0")
+
+
+def _pack(xs, ys, ds):
+    x0, y0 = xs[..., :-1], ys[..., :-1]
+    w, h = xs[..., 1:] - x0, ys[..., 1:] - y0
+    slope = h / w
+    d0, d1 = ds[..., :-1], ds[..., 1:]
+    return torch.stack([x0, y0, w, h, slope, d0, d1, d0 + d1 - 2 * slope]).reshape(8, -1)
 
 
 class RationalQuadraticSpline(InjectiveTransform):
@@ -130,12 +139,8 @@ class RationalQuadraticSpline(InjectiveTransform):
         # Per table row (chart) and bin, the values the formulas need, packed once:
         # x_k, y_k, w_k, h_k, s_k, delta_k, delta_{k+1}, delta_k + delta_{k+1} - 2 s_k.
         if getattr(self, "_packed", None) is None:
-            x0, y0 = self.xs[..., :-1], self.ys[..., :-1]
-            w, h = self.xs[..., 1:] - x0, self.ys[..., 1:] - y0
-            slope = h / w
-            d0, d1 = self.ds[..., :-1], self.ds[..., 1:]
-            packed = torch.stack([x0, y0, w, h, slope, d0, d1, d0 + d1 - 2 * slope])
-            self._packed = packed.reshape(8, -1)
+            knots = (self.xs, self.ys, self.ds)
+            self._packed = cached(RationalQuadraticSpline, "bins", knots, lambda: _pack(*knots))
         return self._packed
 
     def _spline(self, x, inverse: bool):
