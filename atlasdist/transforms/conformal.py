@@ -351,58 +351,51 @@ class StiefelEmbedding(InjectiveTransform):
     def _indexed(self, x, transpose: bool, log_scale=None, shift=None, residual=False):
         # Rows grouped by chart (tiles); W = -[I; 0] + V T V_{1:d}^T applied in compact WY
         # form. With a per-chart similarity (log_scale s, shift o): o + e^s W u, and the
-        # inverse e^{-s} (W^T y - W^T o) with W^T o per chart, so no D-dimensional work per
-        # row beyond the products with V. With ``residual`` (inverse only) each row also gets
-        # its distance to the image, |y - o - W W^T (y - o)|, computed in the tile: an extra
+        # inverse e^{-s} W^T (y - o). The shift is added to (or taken from) the rows in the
+        # tile, one elementwise pass; folding it into the products instead (W^T o per chart, a
+        # column o next to V) costs a copy of every chart's V and rank-one products per chart
+        # in the backward pass. With ``residual`` (inverse only) each row also gets its
+        # distance to the image, |y - o - W W^T (y - o)|, computed in the tile: an extra
         # column after the coordinates.
         v, tinv = (t.to(x.dtype) for t in self.reflectors)
         d, D, charts = self.in_features, self.out_features, v.shape[0]
-        if shift is not None and transpose:
-            shift = shift.to(x.dtype)
-            shift_in_chart = cached(
-                StiefelEmbedding,
-                "W^T o",
-                (shift, v, tinv),
-                lambda: self._wt(shift[:, None], v, tinv),
-            )
+        if shift is not None:
+            shift = shift.to(x.dtype).unsqueeze(-2)
         if log_scale is not None:
             scale = log_scale.to(x.dtype).exp()[:, None, None]
+        # Fresh tiles may be overwritten when no graph and no vmap needs them.
         in_place = (
             not torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
         )
 
-        def factors(u, vk, tk, chart):
-            # o + W u = o + V z - [u; 0] with z = T V_{1:d}^T u, as one product [z, 1] [V, o]^T
-            # (the shift a column of the product, not a broadcast copy).
-            z = torch.linalg.solve_triangular(tk.mT, u @ vk[:, :d], upper=False, left=False)
-            if shift is None:
-                return z, vk
-            o = per_tile(shift, chart).to(u.dtype).unsqueeze(-1)
-            return torch.cat([z, torch.ones_like(z[..., :1])], -1), torch.cat([vk, o], -1)
+        def frame_coefficients(u, vk, tk):
+            # W u = V z - [u; 0] with z = T V_{1:d}^T u.
+            return torch.linalg.solve_triangular(tk.mT, u @ vk[:, :d], upper=False, left=False)
 
         def frames(tiles, chart):
             vk, tk = per_tile(v, chart), per_tile(tinv, chart)
             if transpose:
-                out = self._wt(tiles, vk, tk)
                 if shift is not None:
-                    out = out - per_tile(shift_in_chart, chart)
+                    tiles = tiles - per_tile(shift, chart)
+                out = self._wt(tiles, vk, tk)
                 if residual:
-                    # y - o - W c = y - [z, 1] [V, o]^T + [c; 0], c = W^T (y - o), in one
-                    # product that accumulates onto y.
-                    left, right = factors(out, vk, tk, chart)
-                    if in_place:  # the tiles are a fresh gather no graph or vmap needs
-                        diff = tiles.baddbmm_(left, right.mT, alpha=-1)
+                    # (y - o) - W c = (y - o) - V z + [c; 0], c = W^T (y - o), in one product
+                    # that accumulates onto y - o.
+                    z = frame_coefficients(out, vk, tk)
+                    if in_place:
+                        diff = tiles.baddbmm_(z, vk.mT, alpha=-1)
                     else:
-                        diff = torch.baddbmm(tiles, left, right.mT, alpha=-1)
+                        diff = torch.baddbmm(tiles, z, vk.mT, alpha=-1)
                     diff[..., :d] += out
                     error = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
                 out = out if log_scale is None else out / per_tile(scale, chart)
                 return torch.cat([out, error], -1) if residual else out
             if log_scale is not None:
                 tiles = tiles * per_tile(scale, chart)
-            left, right = factors(tiles, vk, tk, chart)
-            out = left @ right.mT
+            out = frame_coefficients(tiles, vk, tk) @ vk.mT
             out[..., :d] -= tiles
+            if shift is not None:
+                out += per_tile(shift, chart)
             return out
 
         rows = x.numel() // x.shape[-1]
