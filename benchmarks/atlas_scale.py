@@ -33,10 +33,15 @@ Sections (``--sections``, default all):
   affine coupling with hidden 64x64 and a permutation): ``log_prob`` throughput at batch N3.
   The Pyro flow is a density on R^3, the atlas one on S^2: a speed comparison only.
 
-Method: every timed call builds its distribution (``atlas.flow()``), so any per-chart work is
-paid in each call; every repeat gets a fresh input tensor (Pyro's transform caches key on the
-tensor, and would make repeated calls on one tensor look ~50x faster); the configurations are
-interleaved round-robin across repeats; one warm-up round, then the median of the repeats. A
+Method: every timed call builds its distribution (``atlas.flow()``). Under ``no_grad``
+(``log_prob``, ``sample``) an AtlasFlow keeps its per-chart quantities between calls while its
+parameters do not change (``atlasdist.transforms.cache``), the regime of evaluating a fixed
+model; section 1 also times those two operations with the cache off (``cache_charts =
+False``: every per-chart quantity recomputed in each call). With gradients (``rsample``,
+``log_prob`` + ``backward``) the per-chart work is paid in every call. Every repeat gets a
+fresh input tensor (Pyro's transform caches key on the tensor, and would make repeated calls
+on one tensor look ~50x faster); the configurations are interleaved round-robin across
+repeats; one warm-up round, then the median of the repeats. A
 case whose warm-up call took more than ``--slow-seconds`` gets only ``--slow-repeats`` timed
 repeats (the header says which). Distribution argument validation is off for both libraries.
 
@@ -112,6 +117,20 @@ class PyroFlow(nn.Module):
     def flow(self) -> dist.TransformedDistribution:
         base = dist.Normal(self.loc, self.scale).to_event(1)
         return dist.TransformedDistribution(base, self.parts)
+
+
+class CacheOff:
+    """An atlas whose distributions recompute every per-chart quantity on each call."""
+
+    def __init__(self, atlas: AtlasFlow) -> None:
+        self.atlas = atlas
+
+    def flow(self):
+        self.atlas.cache_charts = False
+        try:
+            return self.atlas.flow()
+        finally:
+            self.atlas.cache_charts = True
 
 
 def default_atlas(D: int, d: int, K: int, layers: int, hidden: Sequence[int]) -> AtlasFlow:
@@ -562,6 +581,10 @@ def section_speed(args: argparse.Namespace, report: Report) -> None:
     for K, atlas in atlases.items():
         for case in model_cases(f"atlas K={K}", atlas, n, ops):
             by_op.setdefault(case.op, []).append(case)
+    cached_ops = [op for op in ops if op in ("log_prob", "sample")] if speed else []
+    for K, atlas in atlases.items():
+        for case in model_cases(f"atlas K={K}, cache off", CacheOff(atlas), n, cached_ops):
+            by_op[case.op].append(case)
     if speed:
         for case in model_cases("Pyro", pyro_flow, n, ops):
             by_op[case.op].append(case)
@@ -588,10 +611,16 @@ def section_speed(args: argparse.Namespace, report: Report) -> None:
             f"| operation | throughput K={hi} / K={lo} |",
             "|---|---:|",
         )
+        k = len(args.charts)
         for op in ops:
-            a, b = by_op[op][args.charts.index(lo)], by_op[op][args.charts.index(hi)]
-            ok = a.times and b.times
-            report.add(f"| {op} | {fmt_ratio(b.throughput / a.throughput) if ok else 'n/a'} |")
+            for label, first in ((op, 0), (f"{op}, cache off", k)):
+                if first and op not in cached_ops:
+                    continue
+                row = by_op[op][first : first + k]
+                a, b = row[args.charts.index(lo)], row[args.charts.index(hi)]
+                ok = a.times and b.times
+                ratio = fmt_ratio(b.throughput / a.throughput) if ok else "n/a"
+                report.add(f"| {label} | {ratio} |")
     if bare_c is not None:
         report.add(
             "",
@@ -796,6 +825,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{','.join(args.sections)}",
         "- every timed call builds its distribution (flow()); fresh input tensor every "
         "repeat; configurations interleaved round-robin; argument validation off",
+        "- under no_grad (log_prob, sample) the atlas keeps its per-chart quantities between "
+        "calls while its parameters are unchanged (atlasdist.transforms.cache); rows marked "
+        "'cache off' recompute them in every call, as every call with gradients does",
     )
     if "speed" in args.sections or "bare" in args.sections:
         section_speed(args, report)
