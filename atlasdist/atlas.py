@@ -128,11 +128,12 @@ class AtlasFlow(LazyDistribution):
 
     **Evaluation with fixed parameters.** Under ``torch.no_grad`` (or ``inference_mode``)
     the per-chart quantities (frames, knots, the chart part of the coupling networks) are
-    computed once and kept until a parameter or buffer changes
+    computed once and kept until a parameter or buffer changes or an optimizer steps
     (:mod:`atlasdist.transforms.cache`): repeated ``log_prob`` or ``sample`` calls then skip
     all per-chart work. With gradients on, everything is computed per call, as training
     needs. Set ``atlas.cache_charts = False`` to turn the cache off; after changing
-    parameters through ``.data`` call :func:`~atlasdist.transforms.clear_chart_cache`.
+    parameters through ``.data`` outside an optimizer, call
+    :func:`~atlasdist.transforms.clear_chart_cache`.
 
     Example:
         >>> atlas = AtlasFlow(D=3, d=2, charts=4)

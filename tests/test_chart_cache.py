@@ -3,6 +3,7 @@ per-chart quantities while the parameters are unchanged, and gives exactly what 
 computation gives after any change; with gradients everything is computed per call."""
 
 import copy
+import doctest
 
 import _atlases as A
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from atlasdist import AtlasFlow, ChartMembership
 from atlasdist.transforms import ChartSpline, cached, chart_cache_scope, clear_chart_cache
+from atlasdist.transforms import cache as cache_module
 
 
 def learned(seed: int) -> AtlasFlow:
@@ -133,6 +135,26 @@ def change_by_optimizer(atlas):
     return atlas
 
 
+def change_by_fused_adam(atlas):
+    # Fused Adam changes parameters without bumping their version counters.
+    optimizer = torch.optim.Adam(atlas.parameters(), lr=0.05, fused=True)
+    x = atlas().sample((8,))
+    (-atlas().log_prob(x).mean()).backward()
+    optimizer.step()
+    return atlas
+
+
+def change_by_pyro_clipped_adam(atlas):
+    # Pyro's ClippedAdam writes through .data.
+    from pyro.optim.clipped_adam import ClippedAdam
+
+    optimizer = ClippedAdam(atlas.parameters(), lr=0.05)
+    x = atlas().sample((8,))
+    (-atlas().log_prob(x).mean()).backward()
+    optimizer.step()
+    return atlas
+
+
 def change_by_state_dict(atlas):
     other = learned(7)
     atlas.load_state_dict(other.state_dict())
@@ -169,6 +191,8 @@ def change_by_replacing_a_parameter(atlas):
     "change",
     [
         change_by_optimizer,
+        change_by_fused_adam,
+        change_by_pyro_clipped_adam,
         change_by_state_dict,
         change_in_place,
         change_one_weight_in_place,
@@ -256,7 +280,8 @@ def test_a_deep_copy_has_its_own_cache():
 
 def test_cached_recomputes_when_a_kept_result_or_input_is_changed_in_place():
     owner = torch.nn.Linear(1, 1)
-    source = torch.ones(3)
+    owner.register_buffer("source", torch.ones(3))
+    source = owner.source
     runs = []
 
     def compute():
@@ -270,7 +295,10 @@ def test_cached_recomputes_when_a_kept_result_or_input_is_changed_in_place():
         assert torch.equal(cached(owner, "double", (source,), compute), source * 2)
         source.add_(1)  # the input changed
         assert torch.equal(cached(owner, "double", (source,), compute), torch.full((3,), 4.0))
-    assert len(runs) == 3
+        other = torch.ones(3)  # not the module's, nor a kept result: computed per call
+        cached(owner, "double", (other,), lambda: compute() + other)
+        cached(owner, "double", (other,), lambda: compute() + other)
+    assert len(runs) == 5
 
 
 def test_cached_computes_per_call_outside_a_scope_under_vmap_and_with_graphs():
@@ -300,3 +328,54 @@ def test_cached_computes_per_call_outside_a_scope_under_vmap_and_with_graphs():
         first = cached(frozen, "g", (), lambda: compute(w))
         second = cached(frozen, "g", (), lambda: compute(w))
     assert first.requires_grad and second is not first  # a result with a graph is not kept
+
+
+def test_docstring_examples():
+    result = doctest.testmod(cache_module, extraglobs={"torch": torch})
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_conditional_atlas_keeps_only_per_chart_results():
+    # Its latent flows take per-row inputs: what depends on them changes with every call and
+    # is not kept (it would never be asked for again), so the cache does not grow.
+    torch.manual_seed(0)
+    atlas = AtlasFlow(5, 2, 3, hidden=(8,), layers=2, context_features=2).double()
+    sizes = []
+    with torch.no_grad():
+        for i in range(6):
+            c = torch.randn(4, 2, dtype=torch.float64)
+            x = atlas(c).sample()
+            torch.manual_seed(i)
+            lp = atlas(c).log_prob(x)
+            atlas.cache_charts = False
+            torch.manual_seed(i)
+            fresh = atlas(c).log_prob(x)
+            atlas.cache_charts = True
+            torch.testing.assert_close(lp, fresh, rtol=0, atol=0)
+            sizes.append(sum(len(t.entries) for t in cache_module._STATES[atlas].tables.values()))
+    assert sizes[0] > 0 and sizes[-1] == sizes[0]
+
+
+def test_an_atlas_made_in_inference_mode_evaluates_without_the_cache():
+    with torch.inference_mode():
+        atlas = learned(8)
+        x = atlas().sample((8,))
+        lp = atlas().log_prob(x)
+        atlas.cache_charts = False
+        fresh = atlas().log_prob(x)
+    torch.testing.assert_close(lp, fresh, rtol=0, atol=0)
+
+
+def test_an_input_that_starts_to_need_a_gradient_is_not_served_from_the_cache():
+    atlas = A.sphere(9).requires_grad_(False)
+    with torch.no_grad():
+        x = atlas().sample((8,))
+        atlas().log_prob(x)  # fills the cache
+    atlas.context.requires_grad_(True)
+    atlas().log_prob(x).sum().backward()
+    cached_grad = atlas.context.grad.clone()
+    atlas.context.grad = None
+    atlas.cache_charts = False
+    atlas().log_prob(x).sum().backward()
+    assert bool(cached_grad.abs().sum() > 0)
+    torch.testing.assert_close(cached_grad, atlas.context.grad, rtol=0, atol=0)

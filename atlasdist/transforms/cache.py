@@ -9,20 +9,25 @@ inference time) does not. Inside :func:`chart_cache_scope` of a module, the func
 compute such quantities (wrapped in :func:`cached`) keep their results, keyed by the
 identity of their inputs, until any parameter or buffer of the module changes.
 
-When a result is reused:
+When a result is kept and reused:
 
-- gradients are off (``torch.no_grad`` or ``torch.inference_mode``) and no ``torch.func``
-  transform (``vmap``, ``grad``, ``jacrev``) is running, or no parameter of the module
-  requires a gradient;
+- no ``torch.func`` transform (``vmap``, ``grad``, ``jacrev``) is running, and either gradients
+  are off (``torch.no_grad`` or ``torch.inference_mode``) or no parameter or buffer of the
+  module requires a gradient (nor does any input of the computation);
 - every parameter and buffer of the module is the same tensor, with the same version counter
-  (bumped by every in-place change: optimizer steps, ``load_state_dict``, ``copy_``), storage,
-  dtype, device and shape as when the result was computed; any difference empties the cache;
-- the cached result and its inputs were not changed in place since.
+  (bumped by in-place changes: ``copy_``, ``load_state_dict``, most optimizer steps), storage,
+  dtype, device and shape as when the result was computed; any difference empties the cache,
+  and so does every step of a ``torch.optim`` optimizer (Pyro's included: some, such as fused
+  Adam or Pyro's ``ClippedAdam``, change parameters without bumping their version counters);
+- its inputs are the module's parameters or buffers or results kept earlier (a result of
+  per-row inputs, which change with every call, is not kept), and neither they nor the result
+  were changed in place since;
+- the module's tensors are not inference tensors (made inside ``torch.inference_mode``).
 
-Changes made through ``.data`` bypass version counters, as they bypass autograd's own checks:
-call :func:`clear_chart_cache` after them. Nothing is stored on the module itself (the cache
-lives in a weak table keyed by the module), so ``state_dict``, ``deepcopy`` and pickling are
-unaffected.
+Other changes made through ``.data`` bypass version counters, as they bypass autograd's own
+checks: call :func:`clear_chart_cache` after them. Nothing is stored on the module itself (the
+cache lives in a weak table keyed by the module), so ``state_dict``, ``deepcopy`` and pickling
+are unaffected.
 
 Example:
     >>> from atlasdist import AtlasFlow
@@ -44,36 +49,62 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 __all__ = ["cached", "chart_cache_scope", "clear_chart_cache"]
 
-_ACTIVE: contextvars.ContextVar[dict | None] = contextvars.ContextVar(
-    "atlasdist_chart_cache", default=None
-)
+
+class _Table:
+    """The results kept for one module in one mode, and the tensors that may key them: the
+    module's parameters and buffers and the kept results (by id, held, so ids stay unique)."""
+
+    __slots__ = ("entries", "stable")
+
+    def __init__(self, tensors) -> None:
+        self.entries: dict = {}
+        self.stable: dict[int, torch.Tensor] = {id(t): t for t in tensors}
+
+    def is_stable(self, t: torch.Tensor) -> bool:
+        return self.stable.get(id(t)) is t
 
 
 class _State:
-    """The cache of one module: the signature of its tensors when the entries were made, and
-    the entries (one table per inference mode: inference tensors stay in inference mode)."""
+    """The cache of one module: the signature of its tensors when the tables were made, and
+    one table per inference mode (inference tensors stay in inference mode)."""
 
     __slots__ = ("signature", "tables")
 
     def __init__(self) -> None:
         self.signature: list | None = None
-        self.tables: dict[bool, dict] = {}
+        self.tables: dict[bool, _Table] = {}
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
+# The table of the innermost scope, with its module (nested scopes of one module share it).
+_ACTIVE: contextvars.ContextVar[tuple[nn.Module, _Table | None] | None] = contextvars.ContextVar(
+    "atlasdist_chart_cache", default=None
+)
+
+
+def _clear_all(*_args) -> None:
+    _STATES.clear()
+
+
+# Some optimizers change parameters without bumping their version counters (fused Adam,
+# Pyro's ClippedAdam through .data): every optimizer step empties every cache.
+register_optimizer_step_post_hook(_clear_all)
 
 
 def _functorch_active() -> bool:
     return torch._C._functorch.maybe_current_level() is not None
 
 
-def _signature(module: nn.Module) -> list:
+def _signature(tensors: list[torch.Tensor]) -> list:
+    # The storage is held so that a replaced tensor's memory cannot come back at the same
+    # address with the same version.
     return [
-        (t, t._version, t.data_ptr(), t.dtype, t.device, t.shape)
-        for t in (*module.parameters(), *module.buffers())
+        (t, t._version, t.untyped_storage(), t.data_ptr(), t.dtype, t.device, t.shape)
+        for t in tensors
     ]
 
 
@@ -81,24 +112,31 @@ def _same(a: list, b: list) -> bool:
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
-        if x[0] is not y[0] or x[1:] != y[1:]:
+        if x[0] is not y[0] or x[1] != y[1] or x[3:] != y[3:]:
             return False
     return True
 
 
-def _table(module: nn.Module) -> dict | None:
-    """The entry table to use now for ``module``, or None when results may not be kept."""
+def _table(module: nn.Module) -> _Table | None:
+    """The table to use now for ``module``, or None when results may not be kept."""
     if _functorch_active():
         return None
-    if torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+    tensors = [*module.parameters(), *module.buffers()]
+    if any(t.is_inference() for t in tensors):
+        return None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return None
     state = _STATES.get(module)
     if state is None:
         state = _STATES[module] = _State()
-    signature = _signature(module)
+    signature = _signature(tensors)
     if state.signature is None or not _same(state.signature, signature):
         state.signature, state.tables = signature, {}
-    return state.tables.setdefault(torch.is_inference_mode_enabled(), {})
+    mode = torch.is_inference_mode_enabled()
+    table = state.tables.get(mode)
+    if table is None:
+        table = state.tables[mode] = _Table(tensors)
+    return table
 
 
 @contextlib.contextmanager
@@ -106,17 +144,24 @@ def chart_cache_scope(module: nn.Module | None) -> Iterator[None]:
     """Within the scope, :func:`cached` keeps and reuses results for ``module`` (whose
     parameters and buffers are all the results depend on) when the rules of this module's
     docstring allow; ``None`` turns caching off for the scope."""
-    table = None if module is None else _table(module)
-    token = _ACTIVE.set(table)
+    active = _ACTIVE.get()
+    if module is not None and active is not None and active[0] is module:
+        yield  # nested in a scope of the same module: its table, checked once
+        return
+    token = _ACTIVE.set(None if module is None else (module, _table(module)))
     try:
         yield
     finally:
         _ACTIVE.reset(token)
 
 
-def clear_chart_cache(module: nn.Module) -> None:
-    """Drops what is cached for ``module`` (needed only after changes through ``.data``)."""
-    _STATES.pop(module, None)
+def clear_chart_cache(module: nn.Module | None = None) -> None:
+    """Drops what is cached for ``module`` (every module when None): needed only after
+    changes through ``.data`` outside an optimizer step."""
+    if module is None:
+        _STATES.clear()
+    else:
+        _STATES.pop(module, None)
 
 
 def _leaves(value) -> list[torch.Tensor]:
@@ -139,11 +184,16 @@ def cached(owner, tag, inputs: tuple[torch.Tensor, ...], compute: Callable[[], o
     ``tag`` and input tensors (the same objects, unchanged), inside a
     :func:`chart_cache_scope` that allows it. The result is a tensor or a tuple, list or
     dict of them; callers must not change it in place."""
-    table = _ACTIVE.get()
+    active = _ACTIVE.get()
+    table = None if active is None else active[1]
     if table is None or _functorch_active():
         return compute()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return compute()  # the result needs a graph: computed per call
+    if not all(table.is_stable(t) for t in inputs):
+        return compute()  # per-call inputs: a kept result would never be asked for again
     key = (id(owner), tag, *map(id, inputs))
-    entry = table.get(key)
+    entry = table.entries.get(key)
     if entry is not None:
         refs, input_versions, value, value_versions = entry
         if (
@@ -153,12 +203,12 @@ def cached(owner, tag, inputs: tuple[torch.Tensor, ...], compute: Callable[[], o
             and value_versions == _versions(_leaves(value))
         ):
             return value
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return compute()  # the result carries a graph: computed per call
     value = compute()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in _leaves(value)):
+    leaves = _leaves(value)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in leaves):
         return value
     # Strong references to the owner and inputs keep their ids from being reused while the
     # entry lives (the table is emptied when the module's tensors change).
-    table[key] = ((owner, *inputs), _versions(inputs), value, _versions(_leaves(value)))
+    table.entries[key] = ((owner, *inputs), _versions(inputs), value, _versions(leaves))
+    table.stable.update((id(t), t) for t in leaves)
     return value
