@@ -122,15 +122,40 @@ def _check_inverse_and_error(f, y, params=()):
             torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9)
 
 
+def _check_repeats(f, y, repeats, params=()):
+    """inverse_and_error(y, repeats) equals inverse_and_error of the repeated rows, in value
+    and in gradient (inputs and parameters)."""
+    y = y.detach().clone().requires_grad_()
+    out = f.inverse_and_error(y, repeats=repeats)
+    ref = f.inverse_and_error(y.repeat_interleave(repeats, -2))
+    for a, b in zip(out, ref, strict=True):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    wrt = [y, *params]
+    w = torch.linspace(0.5, 1.5, out[0].shape[-1], dtype=y.dtype)
+
+    def loss(x, error, ladj):
+        return (x * w).sum() + error.square().sum() + ladj.sum()
+
+    grads = torch.autograd.grad(loss(*out), wrt, allow_unused=True, retain_graph=True)
+    expected = torch.autograd.grad(loss(*ref), wrt, allow_unused=True)
+    for g, e in zip(grads, expected, strict=True):
+        assert (g is None) == (e is None)
+        if g is not None:
+            torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+
+
 @given(name=names, d=dims, extra=extras, seed=seeds)
 def test_inverse_and_error_matches_the_reconstruction(name, d, extra, seed):
-    """Points on the image (distance 0) and off it."""
+    """Points on the image (distance 0) and off it; rows given once for several pairs
+    (``repeats``) give what the repeated rows give."""
     f = build(name, d, extra, seed)
     y = f(draw_inputs(f, (12,), seed)).detach()
     gen = torch.Generator().manual_seed(seed + 2)
     off = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype)
     params = [p for p in getattr(f, "parameters", list)() if p.requires_grad]
     _check_inverse_and_error(f, torch.cat([y, off]), params)
+    _check_repeats(f, torch.cat([y, off]), 1 + seed % 3, params)
 
 
 def test_inverse_and_error_broadcasts_batched_parameters_like_the_inverse():
@@ -182,6 +207,41 @@ def test_indexed_chart_inverse_and_error_matches_the_reconstruction(seed, d, ext
     y = f(0.8 * torch.randn(rows, d, generator=gen, dtype=torch.float64)).detach()
     y = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype) * (index % 2).unsqueeze(-1)
     _check_inverse_and_error(f, y, list(spec.parameters()))
+
+
+@given(
+    seed=seeds,
+    d=st.integers(1, 3),
+    extra=st.integers(1, 4),
+    charts=st.integers(1, 5),
+    points=st.integers(1, 20),
+    repeats=st.integers(1, 4),
+)
+def test_indexed_chart_inverse_and_error_reads_repeated_rows_in_place(
+    seed, d, extra, charts, points, repeats
+):
+    """A point given once for its ``repeats`` pairs (an atlas's candidate charts): the tiles
+    read it in place (both tile layouts occur), with the values and gradients of the repeated
+    rows."""
+    gen = torch.Generator().manual_seed(seed)
+    spec = randomize(LearnedCharts(charts, d, d + extra, 3, hidden=(4,)).double(), gen, 0.5)
+    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
+    index = torch.randint(0, charts, (points * repeats,), generator=gen)
+    f = spec.embedding(ChartContext(features, index))
+    on = f(0.8 * torch.randn(points * repeats, d, generator=gen, dtype=torch.float64))
+    y = on.detach()[::repeats]  # each point on the image of its first pair's chart
+    y = (
+        y
+        + 0.3
+        * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+        * (torch.arange(points) % 2)[:, None]
+    )
+    _check_repeats(f, y, repeats, list(spec.parameters()))
+    with pytest.raises(ValueError, match="repeats"):
+        f.inverse_and_error(y, repeats=0)
+    if repeats > 1:
+        with pytest.raises(ValueError, match="indices"):
+            f.inverse_and_error(y[:-1], repeats=repeats)
 
 
 @given(

@@ -361,7 +361,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
                 "log_joint": x.new_zeros(0, c),
                 "on_image": region,
             }
-        xs = x.unsqueeze(1).expand(n, c, self.ambient_dim).reshape(n * c, self.ambient_dim)
+        # The point of each pair, (N * C, D): a copy, made only where rows must be compared.
+        xs = None if on_image_only else x.repeat_interleave(c, 0)
         log_weights, inputs = self._conditioning(shape)
         if inputs is not None:
             inputs = inputs.repeat_interleave(c, 0)
@@ -376,8 +377,8 @@ class AtlasFlowDistribution(EmbeddedDistribution):
         with no_validation():
             if recon_needed:
                 u = emb.inv(xs)
-            else:
-                u, error, ladj_embedding = emb.inverse_and_error(xs)
+            else:  # the pairs' rows are read from x, not from the copies in xs
+                u, error, ladj_embedding = emb.inverse_and_error(x, repeats=c)
             # A point at the pole of a chart's left inverse has no chart coordinates: its pair
             # is evaluated at a harmless stand-in (the chart's image of z = 0) and then marked
             # "not on this chart" (error inf, density 0), so no NaN reaches values or gradients.
@@ -390,6 +391,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
                         "AtlasFlowDistribution: the charts map z = 0 to NaN or infinite points; "
                         "the model's chart parameters hold NaN or infinite entries"
                     )
+                xs = x.repeat_interleave(c, 0) if xs is None else xs
                 stand_in = torch.where(defined.unsqueeze(-1), xs, anchor)
                 if recon_needed:
                     u = emb.inv(stand_in)

@@ -37,7 +37,7 @@ from .._checks import (
     validation_enabled,
 )
 from .cache import cached
-from .indexed import per_tile, tile_plan, tiled
+from .indexed import _check_rows, per_tile, tile_plan, tiled
 from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
 __all__ = [
@@ -339,16 +339,18 @@ class StiefelEmbedding(InjectiveTransform):
         # (log scale, shift) of the map o + e^s W u: none for a plain frame.
         return None, None
 
-    def inverse_and_error(self, y):
+    def inverse_and_error(self, y, repeats: int = 1):
         if self.reflectors is None:
-            return super().inverse_and_error(y)
+            return super().inverse_and_error(y, repeats)
         self._check_inverse_input(y)
         log_scale, shift = self._similarity()
-        out = self._indexed(y, True, log_scale, shift, residual=True)
+        out = self._indexed(y, True, log_scale, shift, residual=True, repeats=repeats)
         x, error = out[..., :-1], out[..., -1]
         return x, error, self.log_abs_det_jacobian(x, None)
 
-    def _indexed(self, x, transpose: bool, log_scale=None, shift=None, residual=False):
+    def _indexed(
+        self, x, transpose: bool, log_scale=None, shift=None, residual=False, repeats: int = 1
+    ):
         # Rows grouped by chart (tiles); W = -[I; 0] + V T V_{1:d}^T applied in compact WY
         # form. With a per-chart similarity (log_scale s, shift o): o + e^s W u, and the
         # inverse e^{-s} W^T (y - o). The shift is added to (or taken from) the rows in the
@@ -376,7 +378,8 @@ class StiefelEmbedding(InjectiveTransform):
             vk, tk = per_tile(v, chart), per_tile(tinv, chart)
             if transpose:
                 if shift is not None:
-                    tiles = tiles - per_tile(shift, chart)
+                    o = per_tile(shift, chart)
+                    tiles = tiles.sub_(o) if in_place else tiles - o
                 out = self._wt(tiles, vk, tk)
                 if residual:
                     # (y - o) - W c = (y - o) - V z + [c; 0], c = W^T (y - o), in one product
@@ -398,11 +401,13 @@ class StiefelEmbedding(InjectiveTransform):
                 out += per_tile(shift, chart)
             return out
 
-        rows = x.numel() // x.shape[-1]
+        _check_rows(self.index, x, repeats)
+        rows = x.numel() // x.shape[-1] * repeats
         if self._tiles is None or self._tiles.total != rows:
             # The same tiling serves the embedding and its left inverse: computed once.
             self._tiles = tile_plan(self.index, charts, rows, D * d, D)
-        return tiled(frames, self.index, x, charts, d + residual if transpose else D, self._tiles)
+        out_features = d + residual if transpose else D
+        return tiled(frames, self.index, x, charts, out_features, self._tiles, repeats)
 
     @staticmethod
     def _wt(y, v, tinv):
@@ -912,7 +917,7 @@ class ConformalEmbedding(InjectiveCompose):
     def log_conformal_factor(self, x, y):
         return self.call_and_log_factor(x)[1]
 
-    def inverse_and_error(self, y):
+    def inverse_and_error(self, y, repeats: int = 1):
         r"""See :meth:`~atlasdist.transforms.InjectiveTransform.inverse_and_error`. The last
         parts that are affine similarities :math:`A(z) = o + \lambda W z` are inverted one
         by one without reconstructing: the residual :math:`y - A(A^\dagger y)` is orthogonal
@@ -928,10 +933,13 @@ class ConformalEmbedding(InjectiveCompose):
         outer = len(self.parts)
         while outer and getattr(self.parts[outer - 1], "affine_similarity", False):
             outer -= 1
-        shape = y.shape[:-1]
+        if outer == len(self.parts) and repeats != 1:
+            y, repeats = y.repeat_interleave(repeats, -2), 1
+        shape = y.shape[:-1] if repeats == 1 else y.shape[:-2] + (y.shape[-2] * repeats,)
         distances, log_scale = [], y.new_zeros(())  # the terms of the distance, scaled
         for part in reversed(self.parts[outer:]):
-            x, error, _ = part.inverse_and_error(y)
+            x, error, _ = part.inverse_and_error(y, repeats)  # the first part reads the rows
+            repeats = 1
             distances.append(error * torch.exp(log_scale))
             log_scale = log_scale + part.log_conformal_factor(x, y)
             y = x

@@ -105,6 +105,21 @@ def per_tile(table: torch.Tensor, chart: torch.Tensor | None) -> torch.Tensor:
     return table if chart is None else table.index_select(0, chart)
 
 
+def _check_rows(index: torch.Tensor, x: torch.Tensor, repeats: int = 1) -> None:
+    """Raises a ``ValueError`` unless ``x`` :math:`(*, B / \text{repeats}, n)` has one row per
+    ``repeats`` entries of ``index`` :math:`(B,)`."""
+    if index.dim() != 1:
+        raise ValueError(f"indexed map: index must have shape (B,), got {tuple(index.shape)}")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"indexed map: repeats must be an int >= 1, got {repeats!r}")
+    rows = index.shape[0]
+    if x.dim() < 2 or x.shape[-2] * repeats != rows:
+        raise ValueError(
+            f"indexed map: x must have shape (*, {rows // repeats}, n) for {rows} indices "
+            f"({repeats} per row), got {tuple(x.shape)}"
+        )
+
+
 def tiled(
     fn,
     index: torch.Tensor,
@@ -112,6 +127,7 @@ def tiled(
     charts: int,
     out_features: int,
     plan: _TilePlan | None = None,
+    repeats: int = 1,
 ) -> torch.Tensor:
     r"""Applies a per-chart map to rows grouped by chart: ``fn(tiles, tile_chart)`` gets the
     rows in tiles of one chart each, shape :math:`(\text{tiles}, T, n)`, and the chart of
@@ -127,23 +143,23 @@ def tiled(
         charts: :math:`K`.
         out_features: :math:`m`.
         plan: a :func:`tile_plan` for the same index and number of rows, to reuse.
+        repeats: each row of ``x`` stands for this many consecutive rows (``x`` of shape
+            :math:`(*, B / \text{repeats}, n)` is ``x.repeat_interleave(repeats, -2)``, e.g.
+            a point for each of its candidate charts); the tiles read them in place, without
+            the copy.
 
     Returns:
         :math:`(*, B, m)`.
     """
-    if index.dim() != 1:
-        raise ValueError(f"indexed map: index must have shape (B,), got {tuple(index.shape)}")
+    _check_rows(index, x, repeats)
     rows = index.shape[0]
-    if x.dim() < 2 or x.shape[-2] != rows:
-        raise ValueError(
-            f"indexed map: x must have shape (*, {rows}, n) for {rows} indices, got "
-            f"{tuple(x.shape)}"
-        )
     lead = x.shape[:-2]
     flat = x.reshape(-1, x.shape[-1])
-    if plan is None or plan.total != flat.shape[0] or plan.charts != charts:
-        plan = tile_plan(index, charts, flat.shape[0], row_elements=flat.shape[-1])
-    padded = flat.index_select(0, plan.source).view(plan.num_tiles, plan.tile, flat.shape[-1])
+    total = flat.shape[0] * repeats
+    if plan is None or plan.total != total or plan.charts != charts:
+        plan = tile_plan(index, charts, total, row_elements=flat.shape[-1])
+    source = plan.source if repeats == 1 else plan.source.div(repeats, rounding_mode="floor")
+    padded = flat.index_select(0, source).view(plan.num_tiles, plan.tile, flat.shape[-1])
     if plan.empty_tiles is not None:  # charts without rows: zeros, not a copy of any row
         padded = padded.index_fill(0, plan.empty_tiles, 0)
     out = fn(padded, plan.tile_chart)

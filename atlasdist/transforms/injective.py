@@ -145,14 +145,21 @@ class InjectiveTransform(EventTransform):
             raise NotImplementedError  # abstract
         return x.shape[-1] * self.log_conformal_factor(x, y)
 
-    def inverse_and_error(self, y: torch.Tensor):
+    def inverse_and_error(self, y: torch.Tensor, repeats: int = 1):
         r"""``(x, error, ladj)``: the left inverse :math:`x = f^\dagger(y)`, the distance
         :math:`|y - f(x)|` of :math:`y` to its reconstruction (0 on the image; shape
         :math:`(*)`) and the volume term at :math:`x`, in one pass.
 
+        ``repeats``: each row of ``y`` :math:`(*, B, D)` stands for ``repeats`` consecutive
+        rows, as ``y.repeat_interleave(repeats, -2)`` (e.g. a point and its candidate charts,
+        for a layer indexed by the chart of each of the :math:`B \cdot` ``repeats`` pairs);
+        the outputs have those rows. Indexed frames read the rows in place, without the copy.
+
         This default reconstructs :math:`f(x)` in :math:`\mathbb{R}^D`; affine similarities
         and compositions ending in them find the distance without the reconstruction.
         """
+        if repeats != 1:
+            y = y.repeat_interleave(repeats, -2)
         x = self.inv(y)
         recon, ladj = self.call_and_ladj(x)
         return x, (recon - y).norm(dim=-1), ladj
