@@ -57,14 +57,30 @@ class ChartMembership(nn.Module):
     def distances(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         r""":math:`d_k(x)` for all charts: ``x`` :math:`(*, D)`, ``centres`` :math:`(K, c)`
         :math:`\to (*, K)`."""
+        code = self._code(x, centres)
+        return torch.cdist(code.reshape(-1, code.shape[-1]), centres).reshape(
+            code.shape[:-1] + centres.shape[:1]
+        )
+
+    def _code(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         # dtype and device only (metadata): an atlas has checked its values for NaN already,
         # and a second finiteness check here would cost a device sync per call.
         check_floating(x, "ChartMembership", "point", centres)
         code = self.encoder(x)
         check_features(code, centres.shape[-1], "ChartMembership", "encoded point")
-        return torch.cdist(code.reshape(-1, code.shape[-1]), centres).reshape(
-            code.shape[:-1] + centres.shape[:1]
+        return code
+
+    def _squared_distances(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
+        # For the choice of charts (no gradient): |E(x)|^2 + |v|^2 - 2 E(x).v (clamped at 0),
+        # the expansion torch.cdist uses for large batches, as one product with the centres,
+        # without cdist's scaled and padded copy of the points.
+        code = self._code(x, centres)
+        flat = code.reshape(-1, code.shape[-1])
+        cross = torch.addmm(centres.square().sum(-1), flat, centres.mT, alpha=-2)
+        squared = (cross + torch.linalg.vector_norm(flat, dim=-1).square().unsqueeze(-1)).clamp(
+            min=0
         )
+        return squared.reshape(code.shape[:-1] + centres.shape[:1])
 
     def candidates(
         self, x: torch.Tensor, centres: torch.Tensor
@@ -75,12 +91,12 @@ class ChartMembership(nn.Module):
             ``(index, mask)``, both of shape :math:`(*, \min(\text{cap}, K))`: chart indices
             sorted by distance, and whether each lies in its region :math:`U_k`.
         """
-        dist = self.distances(x, centres)
-        num_charts = dist.shape[-1]
+        squared = self._squared_distances(x, centres)  # the same order as the distances
+        num_charts = squared.shape[-1]
         cap, m = min(self.cap, num_charts), min(self.m, num_charts)
-        near, index = dist.topk(cap, dim=-1, largest=False, sorted=True)
+        near, index = squared.topk(cap, dim=-1, largest=False, sorted=True)
         d_m = near[..., m - 1 : m]
-        mask = near <= d_m if self.eps == 0 else near < (1 + self.eps) * d_m
+        mask = near <= d_m if self.eps == 0 else near < (1 + self.eps) ** 2 * d_m
         # The m nearest are always in (ties at d_m included); <= keeps exact ties for eps = 0.
         mask[..., :m] = True
         return index, mask
@@ -88,9 +104,9 @@ class ChartMembership(nn.Module):
     def regions(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         r"""Membership of every chart, :math:`1[x \in U_k]`, shape :math:`(*, K)` (all
         :math:`K` charts; for tests and diagnostics, not the hot path)."""
-        dist = self.distances(x, centres)
-        m = min(self.m, dist.shape[-1])
-        d_m = dist.sort(dim=-1).values[..., m - 1 : m]
+        squared = self._squared_distances(x, centres)
+        m = min(self.m, squared.shape[-1])
+        d_m = squared.sort(dim=-1).values[..., m - 1 : m]
         if self.eps == 0:
-            return dist <= d_m
-        return dist < (1 + self.eps) * d_m
+            return squared <= d_m
+        return squared < (1 + self.eps) ** 2 * d_m
