@@ -114,12 +114,16 @@ def _check_inverse_and_error(f, y, params=()):
     def loss(x, error, ladj):  # the squared distance: the norm has no gradient at 0
         return (x * w).sum() + error.square().sum() + ladj.sum()
 
-    grads = torch.autograd.grad(loss(x, error, ladj), wrt, allow_unused=True, retain_graph=True)
-    expected = torch.autograd.grad(loss(ref_x, ref_error, ref_ladj), wrt, allow_unused=True)
+    _assert_same_gradients(loss(x, error, ladj), loss(ref_x, ref_error, ref_ladj), wrt, 1e-9)
+
+
+def _assert_same_gradients(value, reference, wrt, tol):
+    grads = torch.autograd.grad(value, wrt, allow_unused=True, retain_graph=True)
+    expected = torch.autograd.grad(reference, wrt, allow_unused=True)
     for g, e in zip(grads, expected, strict=True):
         assert (g is None) == (e is None)
         if g is not None:
-            torch.testing.assert_close(g, e, atol=1e-9, rtol=1e-9)
+            torch.testing.assert_close(g, e, atol=tol, rtol=tol)
 
 
 def _check_repeats(f, y, repeats, params=()):
@@ -137,12 +141,7 @@ def _check_repeats(f, y, repeats, params=()):
     def loss(x, error, ladj):
         return (x * w).sum() + error.square().sum() + ladj.sum()
 
-    grads = torch.autograd.grad(loss(*out), wrt, allow_unused=True, retain_graph=True)
-    expected = torch.autograd.grad(loss(*ref), wrt, allow_unused=True)
-    for g, e in zip(grads, expected, strict=True):
-        assert (g is None) == (e is None)
-        if g is not None:
-            torch.testing.assert_close(g, e, atol=1e-10, rtol=1e-10)
+    _assert_same_gradients(loss(*out), loss(*ref), wrt, 1e-10)
 
 
 @given(name=names, d=dims, extra=extras, seed=seeds)
@@ -194,35 +193,16 @@ def test_indexed_chart_inverse_and_error_under_vmap():
     d=st.integers(1, 3),
     extra=st.integers(1, 4),
     charts=st.integers(1, 5),
-    rows=st.integers(1, 40),
-)
-def test_indexed_chart_inverse_and_error_matches_the_reconstruction(seed, d, extra, charts, rows):
-    """The learned charts' embedding under a chart index: the distance is computed in the
-    tiles of rows grouped by chart (both tile layouts occur), never by reconstruction."""
-    gen = torch.Generator().manual_seed(seed)
-    spec = randomize(LearnedCharts(charts, d, d + extra, 3, hidden=(4,)).double(), gen, 0.5)
-    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
-    index = torch.randint(0, charts, (rows,), generator=gen)
-    f = spec.embedding(ChartContext(features, index))
-    y = f(0.8 * torch.randn(rows, d, generator=gen, dtype=torch.float64)).detach()
-    y = y + 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype) * (index % 2).unsqueeze(-1)
-    _check_inverse_and_error(f, y, list(spec.parameters()))
-
-
-@given(
-    seed=seeds,
-    d=st.integers(1, 3),
-    extra=st.integers(1, 4),
-    charts=st.integers(1, 5),
     points=st.integers(1, 20),
     repeats=st.integers(1, 4),
 )
-def test_indexed_chart_inverse_and_error_reads_repeated_rows_in_place(
+def test_indexed_chart_inverse_and_error_matches_the_reconstruction(
     seed, d, extra, charts, points, repeats
 ):
-    """A point given once for its ``repeats`` pairs (an atlas's candidate charts): the tiles
-    read it in place (both tile layouts occur), with the values and gradients of the repeated
-    rows."""
+    """The learned charts' embedding under a chart index: the distance is computed in the
+    tiles of rows grouped by chart (both tile layouts occur), never by reconstruction; a point
+    given once for its ``repeats`` pairs (an atlas's candidate charts) is read in place, with
+    the values and gradients of the repeated rows."""
     gen = torch.Generator().manual_seed(seed)
     spec = randomize(LearnedCharts(charts, d, d + extra, 3, hidden=(4,)).double(), gen, 0.5)
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
@@ -230,13 +210,11 @@ def test_indexed_chart_inverse_and_error_reads_repeated_rows_in_place(
     f = spec.embedding(ChartContext(features, index))
     on = f(0.8 * torch.randn(points * repeats, d, generator=gen, dtype=torch.float64))
     y = on.detach()[::repeats]  # each point on the image of its first pair's chart
-    y = (
-        y
-        + 0.3
-        * torch.randn(y.shape, generator=gen, dtype=y.dtype)
-        * (torch.arange(points) % 2)[:, None]
-    )
-    _check_repeats(f, y, repeats, list(spec.parameters()))
+    offset = 0.3 * torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    y = y + offset * (torch.arange(points) % 2).unsqueeze(-1)
+    params = list(spec.parameters())
+    _check_inverse_and_error(f, y.repeat_interleave(repeats, 0), params)
+    _check_repeats(f, y, repeats, params)
     with pytest.raises(ValueError, match="repeats"):
         f.inverse_and_error(y, repeats=0)
     if repeats > 1:
