@@ -26,7 +26,7 @@ from .charts.specs import (
 )
 from .distributions.atlas import AtlasFlowDistribution
 from .lazy import LazyDistribution
-from .transforms import ChartSpline, Hypernet, chart_affine_coupling
+from .transforms import ChartSpline, ChartSplineCoupling, Hypernet, chart_affine_coupling
 
 __all__ = ["AtlasFlow", "default_latent_flow"]
 
@@ -48,6 +48,11 @@ def default_latent_flow(
     ``coupling="affine"``: a conditional affine coupling (the chart part of its network's
     first layer computed once per chart). The splines then act on each coordinate alone, so
     the coordinates interact only through shifts and scales.
+    ``coupling="spline_coupling"``: a chart-conditioned rational-spline coupling
+    (:class:`~atlasdist.transforms.ChartSplineCoupling`) instead of the affine one: each
+    coordinate of one half moves by a monotonic spline whose knots are a network of the other
+    half and the chart, at about the cost of the affine coupling (one network pass and one
+    spline per layer, both ways).
     ``coupling="spline"``: instead of both, Pyro's conditional rational-spline
     autoregressive transform, :math:`u_i \mapsto s_i(u_i;\ u_{<i}, v_k)`, a spline of each
     coordinate whose knots are a network of the previous coordinates and the chart features
@@ -60,9 +65,10 @@ def default_latent_flow(
         >>> len(parts)  # (autoregressive spline, permutation) per layer
         4
     """
-    if coupling not in ("affine", "spline"):
+    if coupling not in ("affine", "spline", "spline_coupling"):
         raise ValueError(
-            f"default_latent_flow: coupling must be 'affine' or 'spline', got {coupling!r}"
+            "default_latent_flow: coupling must be 'affine', 'spline' or 'spline_coupling', "
+            f"got {coupling!r}"
         )
     parts: list = []
     for _ in range(layers):
@@ -75,7 +81,14 @@ def default_latent_flow(
             parts.append(pyro_t.Permute(torch.arange(d - 1, -1, -1)))
             continue
         parts.append(ChartSpline(d, context_features, hidden, count_bins=count_bins, bound=bound))
-        if d > 1:
+        if d > 1 and coupling == "spline_coupling":
+            parts.append(
+                ChartSplineCoupling(
+                    d, context_features, hidden, count_bins=count_bins, bound=bound
+                )
+            )
+            parts.append(pyro_t.Permute(torch.arange(d - 1, -1, -1)))
+        elif d > 1:
             parts.append(chart_affine_coupling(d, context_features, hidden))
             parts.append(pyro_t.Permute(torch.arange(d - 1, -1, -1)))
     return parts

@@ -9,6 +9,7 @@ from torch import nn
 
 from atlasdist.transforms import (
     ChartSpline,
+    ChartSplineCoupling,
     Conditional,
     ConditionalCompose,
     ConformalEmbedding,
@@ -128,6 +129,10 @@ CASES = {
     ),
     "conditioned ChartSpline": lambda d, D, g: _conditioned(
         ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=1.5), 3, g
+    ),
+    # a coupling needs two coordinates at least
+    "conditioned ChartSplineCoupling": lambda d, D, g: _conditioned(
+        ChartSplineCoupling(max(d, 2), 3, hidden=(8,), count_bins=4, bound=1.5), 3, g
     ),
     "conditioned Similarity": lambda d, D, g: _conditioned(
         Conditional(Similarity, d, D, context_features=3), 3, g

@@ -18,6 +18,7 @@ from atlasdist.geometry import (
 from atlasdist.transforms import (
     ChartContext,
     ChartSpline,
+    ChartSplineCoupling,
     ChartTable,
     Conditional,
     ConditionalCompose,
@@ -265,6 +266,7 @@ def test_chart_aware_latent_flows_equal_row_wise_conditioning(seed, d, charts, l
     parts = [ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=2.0)]
     if d > 1:
         parts.append(chart_affine_coupling(d, 3, hidden=(8,)))
+        parts.append(ChartSplineCoupling(d, 3, hidden=(8,), count_bins=4, bound=2.0))
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
     index = torch.randint(charts, (6,), generator=gen)
     x = 1.5 * torch.randn(*([2] * lead), 6, d, generator=gen, dtype=torch.float64)
@@ -295,6 +297,7 @@ def test_chart_context_with_per_row_inputs_equals_row_wise_conditioning(seed, d,
     ]
     if d > 1:
         parts.append(chart_affine_coupling(d, width, hidden=(8,)))
+        parts.append(ChartSplineCoupling(d, width, hidden=(8,), count_bins=4, bound=2.0))
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
     index = torch.randint(charts, (6,), generator=gen)
     e = torch.randn(6, inputs, generator=gen, dtype=torch.float64)

@@ -46,6 +46,7 @@ from atlasdist.distributions import (
 from atlasdist.transforms import (
     ChartContext,
     ChartSpline,
+    ChartSplineCoupling,
     ChartTable,
     Conditional,
     ConditionalCompose,
@@ -516,6 +517,21 @@ BAD_PARAMETERS = [
         lambda: chart_affine_coupling(1, 2),
         ValueError,
         r"chart_affine_coupling: features must be >= 2",
+    ),
+    (
+        lambda: ChartSplineCoupling(1, 2),
+        ValueError,
+        r"ChartSplineCoupling: features must be >= 2",
+    ),
+    (
+        lambda: ChartSplineCoupling(2, 3, bound=-1.0),
+        ValueError,
+        r"ChartSplineCoupling: bound must be > 0",
+    ),
+    (
+        lambda: ChartSplineCoupling(2, 3, hidden=[]),
+        ValueError,
+        r"ChartSplineCoupling: hidden needs at least one",
     ),
     (
         lambda: ChartContext(torch.eye(2), torch.tensor([0.5])),
