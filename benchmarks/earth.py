@@ -413,7 +413,9 @@ def main(argv=None):
     parser.add_argument("--hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--bins", type=int, default=16)
     choice = {"choices": ["affine", "spline", "spline_coupling"]}
-    parser.add_argument("--coupling", default="affine", **choice, help="earth latent flow")
+    parser.add_argument(
+        "--coupling", default="spline_coupling", **choice, help="earth latent flow"
+    )
     parser.add_argument("--torus-coupling", default="affine", **choice, help="RNA latent flow")
     parser.add_argument("--torus-charts", type=int, default=3, help="product charts on T^7")
     parser.add_argument("--threads", type=int, default=1, help="per job")
