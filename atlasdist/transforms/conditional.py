@@ -41,9 +41,9 @@ from .._checks import (
 )
 from .cache import cached
 from .conformal import ConformalEmbedding
-from .injective import InjectiveCompose, InjectiveTransform, is_conformal
+from .injective import InjectiveCompose, is_conformal
 from .product import ProductEmbedding
-from .spline import RationalQuadraticSpline, spline_knots
+from .spline import MonotoneMap, RationalQuadraticSpline, spline_knots
 
 __all__ = [
     "ChartContext",
@@ -480,7 +480,35 @@ def chart_affine_coupling(
     return pyro_t.ConditionalAffineCoupling(split, net)
 
 
-class ChartSpline(ConditionalTransformModule):
+class _ChartSplineLayer(ConditionalTransformModule):
+    # A chart-conditioned spline layer: checks and keeps its options, then builds its knot
+    # network (``_network(hidden)``).
+
+    chart_aware = True  # takes a ChartContext
+    _min_features = 1
+
+    def __init__(
+        self,
+        features: int,
+        context_features: int,
+        hidden: Sequence[int] = (64, 64),
+        count_bins: int = 8,
+        bound: float = 3.0,
+    ):
+        super().__init__()
+        name = type(self).__name__
+        self.features = check_count(features, "features", name, minimum=self._min_features)
+        self.context_features = check_count(context_features, "context_features", name)
+        self.count_bins = check_count(count_bins, "count_bins", name)
+        check_parameter(bound, "bound", name, positive=True)
+        self.bound = float(bound)
+        self.nn = self._network(list(check_sizes(hidden, "hidden", name, nonempty=True)))
+
+    def _network(self, hidden: list) -> nn.Module:
+        raise NotImplementedError  # abstract
+
+
+class ChartSpline(_ChartSplineLayer):
     r"""Conditional elementwise rational-quadratic spline
     (:class:`~atlasdist.transforms.RationalQuadraticSpline`) whose knots are an MLP of the
     context: under a :class:`ChartContext` they are computed once per chart and looked up by
@@ -494,29 +522,10 @@ class ChartSpline(ConditionalTransformModule):
         bound: the spline is the identity outside :math:`[-B, B]`.
     """
 
-    chart_aware = True  # takes a ChartContext
-
-    def __init__(
-        self,
-        features: int,
-        context_features: int,
-        hidden: Sequence[int] = (64, 64),
-        count_bins: int = 8,
-        bound: float = 3.0,
-    ):
-        super().__init__()
-        features = check_count(features, "features", "ChartSpline")
-        context_features = check_count(context_features, "context_features", "ChartSpline")
-        count_bins = check_count(count_bins, "count_bins", "ChartSpline")
-        check_parameter(bound, "bound", "ChartSpline", positive=True)
-        hidden = check_sizes(hidden, "hidden", "ChartSpline", nonempty=True)
-        self.features, self.context_features = features, context_features
-        self.count_bins, self.bound = count_bins, float(bound)
-        bins = count_bins
-        self.nn = DenseNN(
-            context_features,
-            list(hidden),
-            param_dims=[features * bins, features * bins, features * (bins - 1)],
+    def _network(self, hidden: list) -> nn.Module:
+        d, bins = self.features, self.count_bins
+        return DenseNN(
+            self.context_features, hidden, param_dims=[d * bins, d * bins, d * (bins - 1)]
         )
 
     def knots(self, context: torch.Tensor):
@@ -548,7 +557,7 @@ class ChartSpline(ConditionalTransformModule):
             return RationalQuadraticSpline(*knots, bound=self.bound, index=index)
 
 
-class SplineCoupling(InjectiveTransform):
+class SplineCoupling(MonotoneMap):
     r"""Rational-quadratic spline coupling of :math:`\mathbb{R}^d` (Durkan et al. 2019):
     :math:`(x_a, x_b) \mapsto (x_a,\ s(x_b;\ \theta(x_a)))`, :math:`x_a` the first
     ``split`` coordinates, :math:`s` a monotonic rational-quadratic spline of each coordinate
@@ -577,9 +586,8 @@ class SplineCoupling(InjectiveTransform):
             raise ValueError(f"SplineCoupling: split must be in [1, {features}), got {split}")
         self.split, self.knots_of, self.bound = split, knots_of, float(bound)
         self.network = network
-        self._last = None
 
-    def _coupled(self, x, inverse: bool):
+    def _map(self, x, inverse: bool):
         a, b = x[..., : self.split], x[..., self.split :]
         with trusted_parameters():
             spline = RationalQuadraticSpline(*self.knots_of(a), bound=self.bound)
@@ -588,30 +596,11 @@ class SplineCoupling(InjectiveTransform):
         y = torch.cat([a, out.reshape(b.shape)], -1)
         return y, ladj.reshape(b.shape[:-1])
 
-    def _call(self, x):
-        y, ladj = self._coupled(x, inverse=False)
-        self._last = (x, y, ladj)
-        return y
-
-    def _inverse(self, y):
-        x, ladj = self._coupled(y, inverse=True)
-        self._last = (x, y, -ladj)
-        return x
-
-    def call_and_ladj(self, x):
-        y = self(x)
-        return y, self._last[2]
-
-    def log_abs_det_jacobian(self, x, y):
-        if self._last is not None and self._last[0] is x and self._last[1] is y:
-            return self._last[2]
-        return self._coupled(x, inverse=False)[1]
-
     def extra_repr(self) -> str:
         return f"features={self.in_features}, split={self.split}, bound={self.bound}"
 
 
-class ChartSplineCoupling(ConditionalTransformModule):
+class ChartSplineCoupling(_ChartSplineLayer):
     r"""Chart-conditioned rational-quadratic spline coupling: ``condition(context)`` is the
     :class:`SplineCoupling` whose knots for :math:`x_b` are a :class:`ChartDenseNN` of
     :math:`[v, x_a]` (chart features, and per-row inputs when the context has them), so each
@@ -639,28 +628,13 @@ class ChartSplineCoupling(ConditionalTransformModule):
         True
     """
 
-    chart_aware = True  # takes a ChartContext (through its network)
+    _min_features = 2  # both halves non-empty
 
-    def __init__(
-        self,
-        features: int,
-        context_features: int,
-        hidden: Sequence[int] = (64, 64),
-        count_bins: int = 8,
-        bound: float = 3.0,
-    ):
-        super().__init__()
-        name = "ChartSplineCoupling"
-        features = check_count(features, "features", name, minimum=2)
-        context_features = check_count(context_features, "context_features", name)
-        count_bins = check_count(count_bins, "count_bins", name)
-        check_parameter(bound, "bound", name, positive=True)
-        hidden = check_sizes(hidden, "hidden", name, nonempty=True)
-        self.features, self.context_features = features, context_features
-        self.split, self.count_bins, self.bound = features // 2, count_bins, float(bound)
-        rest, bins = features - self.split, count_bins
+    def _network(self, hidden: list) -> nn.Module:
+        self.split = self.features // 2
+        rest, bins = self.features - self.split, self.count_bins
         param_dims = [rest * bins, rest * bins, rest * (bins - 1)]
-        self.nn = ChartDenseNN(self.split, context_features, list(hidden), param_dims)
+        return ChartDenseNN(self.split, self.context_features, hidden, param_dims)
 
     def condition(self, context):
         rest, bins = self.features - self.split, self.count_bins

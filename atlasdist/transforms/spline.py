@@ -79,7 +79,39 @@ def _pack(xs, ys, ds):
     return torch.stack([x0, y0, w, h, slope, d0, d1, d0 + d1 - 2 * slope]).reshape(8, -1)
 
 
-class RationalQuadraticSpline(InjectiveTransform):
+class MonotoneMap(InjectiveTransform):
+    r"""A bijection of :math:`\mathbb{R}^d` whose passes give their log-det with the output:
+    subclasses implement ``_map(x, inverse) -> (out, ladj of that pass)``; the last pass's
+    ``(x, y, ladj)`` is kept, so ``log_abs_det_jacobian(x, y)`` right after it costs nothing
+    (the same tensors, by identity), and any other pair is recomputed."""
+
+    sign = +1
+    _last = None
+
+    def _map(self, x, inverse: bool):
+        raise NotImplementedError  # abstract
+
+    def _call(self, x):
+        y, ladj = self._map(x, inverse=False)
+        self._last = (x, y, ladj)
+        return y
+
+    def _inverse(self, y):
+        x, ladj = self._map(y, inverse=True)
+        self._last = (x, y, -ladj)
+        return x
+
+    def call_and_ladj(self, x):
+        y = self(x)
+        return y, self._last[2]
+
+    def log_abs_det_jacobian(self, x, y):
+        if self._last is not None and self._last[0] is x and self._last[1] is y:
+            return self._last[2]
+        return self._map(x, inverse=False)[1]
+
+
+class RationalQuadraticSpline(MonotoneMap):
     r"""Monotonic rational-quadratic spline applied to each coordinate of
     :math:`\mathbb{R}^d`, the identity outside :math:`[-B, B]` (Durkan et al. 2019). In bin
     :math:`k` with :math:`\xi = (x - x_k)/w_k` and slope :math:`s_k = h_k / w_k`,
@@ -98,8 +130,6 @@ class RationalQuadraticSpline(InjectiveTransform):
 
     Cost: :math:`S - 1` comparisons and a few gathers per coordinate.
     """
-
-    sign = +1
 
     def __init__(self, xs, ys, ds, bound: float, index: torch.Tensor | None = None):
         if xs.dim() != 3 or xs.shape != ys.shape or xs.shape != ds.shape:
@@ -188,24 +218,8 @@ class RationalQuadraticSpline(InjectiveTransform):
         log_deriv = torch.where(inside, log_deriv, torch.zeros_like(log_deriv))
         return out.reshape(shape), log_deriv.sum(-1).reshape(shape[:-1])
 
-    def _call(self, x):
-        y, ladj = self._spline(x, inverse=False)
-        self._last = (x, y, ladj)
-        return y
-
-    def _inverse(self, y):
-        x, ladj = self._spline(y, inverse=True)
-        self._last = (x, y, -ladj)
-        return x
-
-    def call_and_ladj(self, x):
-        y = self(x)
-        return y, self._last[2]
-
-    def log_abs_det_jacobian(self, x, y):
-        if self._last is not None and self._last[0] is x and self._last[1] is y:
-            return self._last[2]
-        return self._spline(x, inverse=False)[1]
+    def _map(self, x, inverse: bool):
+        return self._spline(x, inverse)
 
     def extra_repr(self) -> str:
         return f"features={self.in_features}, bins={self.xs.shape[-1] - 1}, bound={self.bound}"
