@@ -51,8 +51,8 @@ def default_latent_flow(
     ``coupling="spline_coupling"``: a chart-conditioned rational-spline coupling
     (:class:`~atlasdist.transforms.ChartSplineCoupling`) instead of the affine one: each
     coordinate of one half moves by a monotonic spline whose knots are a network of the other
-    half and the chart, at about the cost of the affine coupling (one network pass and one
-    spline per layer, both ways).
+    half and the chart: one network pass and one spline per layer, both ways (about 1.4 to 1.5
+    times the affine coupling's time per step on the earth sets).
     ``coupling="spline"``: instead of both, Pyro's conditional rational-spline
     autoregressive transform, :math:`u_i \mapsto s_i(u_i;\ u_{<i}, v_k)`, a spline of each
     coordinate whose knots are a network of the previous coordinates and the chart features

@@ -118,6 +118,29 @@ def test_membership_regions_match_the_definition():
         ChartMembership(m=3, cap=2)
 
 
+@pytest.mark.parametrize("rows", [6, 200])  # torch.cdist's exact path and its expansion
+def test_membership_ranks_far_from_the_origin_in_float32(rows):
+    """Centres and points near 1000 * (1, ..., 1) in float32: the candidates and regions are
+    those of exact float64 distances (no cancellation of |x|^2 against |v|^2), and a point on
+    a centre is in that centre's region for every eps."""
+    gen = torch.Generator().manual_seed(1)
+    centres = 1000.0 + torch.randn(16, 8, generator=gen, dtype=torch.float64)
+    x = centres[torch.arange(rows) % 16] + 0.3 * torch.randn(rows, 8, generator=gen).double()
+    x[0] = centres[0]  # exactly on a centre
+    dist = torch.cdist(x, centres)
+    for m, eps in [(1, 0.0), (1, 0.3), (2, 0.3)]:
+        idx = ChartMembership(m=m, eps=eps, cap=5).candidates(x.float(), centres.float())[0]
+        assert torch.equal(idx, dist.topk(5, largest=False).indices)
+        membership = ChartMembership(m=m, eps=eps, cap=16)  # every region member a candidate
+        idx, mask = membership.candidates(x.float(), centres.float())
+        d_m = dist.sort(-1).values[:, m - 1 : m]
+        expected = dist < (1 + eps) * d_m if eps > 0 else dist <= d_m
+        expected[torch.arange(rows)[:, None], dist.topk(m, largest=False).indices] = True
+        assert torch.equal(membership.regions(x.float(), centres.float()), expected)
+        assert bool(membership.regions(x.float(), centres.float())[0, 0])
+        assert torch.equal(torch.zeros_like(expected).scatter_(1, idx, mask), expected)
+
+
 def test_demo_runs(tmp_path, capsys):
     out = tmp_path / "demo.png"
     main(["demo", "--points", "400", "--epochs", "1", "--out", str(out)])

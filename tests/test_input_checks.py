@@ -524,6 +524,13 @@ BAD_PARAMETERS = [
         r"ChartSplineCoupling: features must be >= 2",
     ),
     (
+        lambda: ChartSplineCoupling(2, 3).condition(
+            ChartContext(torch.randn(4, 3), torch.tensor([0, 1, 3, 3, 2, 0]))
+        )(torch.randn(2)),
+        ValueError,
+        r"SplineCoupling: the knot network gave 6 knot tables for 1 input rows",
+    ),
+    (
         lambda: ChartSplineCoupling(2, 3, bound=-1.0),
         ValueError,
         r"ChartSplineCoupling: bound must be > 0",

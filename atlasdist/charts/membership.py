@@ -70,16 +70,22 @@ class ChartMembership(nn.Module):
         check_features(code, centres.shape[-1], "ChartMembership", "encoded point")
         return code
 
-    def _squared_distances(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-        # For the choice of charts (no gradient): |E(x)|^2 + |v|^2 - 2 E(x).v (clamped at 0),
-        # the expansion torch.cdist uses for large batches, as one product with the centres,
-        # without cdist's scaled and padded copy of the points.
+    def _squared_distances(
+        self, x: torch.Tensor, centres: torch.Tensor, per_row_offset: bool = True
+    ) -> torch.Tensor:
+        # For the choice of charts (no gradient): |E(x) - v|^2 = |y|^2 + |w|^2 - 2 y.w with
+        # y = E(x) - mu, w = v - mu, mu the mean centre, as one product with the centres:
+        # centred, so |E(x)|^2 does not cancel against |v|^2 for data far from the origin.
+        # Without ``per_row_offset`` the |y|^2 of each row is left out: the same order and
+        # ties within a row, for a ranking.
         code = self._code(x, centres)
-        flat = code.reshape(-1, code.shape[-1])
-        cross = torch.addmm(centres.square().sum(-1), flat, centres.mT, alpha=-2)
-        squared = (cross + torch.linalg.vector_norm(flat, dim=-1).square().unsqueeze(-1)).clamp(
-            min=0
-        )
+        mu = centres.mean(0)
+        y = code.reshape(-1, code.shape[-1]) - mu
+        w = centres - mu
+        squared = torch.addmm(w.square().sum(-1), y, w.mT, alpha=-2)
+        if per_row_offset:
+            offset = torch.linalg.vector_norm(y, dim=-1).square().unsqueeze(-1)
+            squared = (squared + offset).clamp(min=0)
         return squared.reshape(code.shape[:-1] + centres.shape[:1])
 
     def candidates(
@@ -91,7 +97,9 @@ class ChartMembership(nn.Module):
             ``(index, mask)``, both of shape :math:`(*, \min(\text{cap}, K))`: chart indices
             sorted by distance, and whether each lies in its region :math:`U_k`.
         """
-        squared = self._squared_distances(x, centres)  # the same order as the distances
+        # Squared distances (up to a per-row offset, which the region test only needs for eps
+        # > 0): the same order as the distances.
+        squared = self._squared_distances(x, centres, per_row_offset=self.eps > 0)
         num_charts = squared.shape[-1]
         cap, m = min(self.cap, num_charts), min(self.m, num_charts)
         near, index = squared.topk(cap, dim=-1, largest=False, sorted=True)
@@ -104,9 +112,12 @@ class ChartMembership(nn.Module):
     def regions(self, x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
         r"""Membership of every chart, :math:`1[x \in U_k]`, shape :math:`(*, K)` (all
         :math:`K` charts; for tests and diagnostics, not the hot path)."""
-        squared = self._squared_distances(x, centres)
+        squared = self._squared_distances(x, centres, per_row_offset=self.eps > 0)
         m = min(self.m, squared.shape[-1])
-        d_m = squared.sort(dim=-1).values[..., m - 1 : m]
+        nearest = squared.topk(m, dim=-1, largest=False)
+        d_m = nearest.values[..., m - 1 : m]
         if self.eps == 0:
             return squared <= d_m
-        return squared < (1 + self.eps) ** 2 * d_m
+        # The m nearest always are in, as in candidates (a point on a centre has d_m = 0).
+        inside = squared < (1 + self.eps) ** 2 * d_m
+        return inside.scatter(-1, nearest.indices, True)

@@ -589,9 +589,16 @@ class SplineCoupling(MonotoneMap):
 
     def _map(self, x, inverse: bool):
         a, b = x[..., : self.split], x[..., self.split :]
-        with trusted_parameters():
-            spline = RationalQuadraticSpline(*self.knots_of(a), bound=self.bound)
+        knots = self.knots_of(a)
         flat = b.reshape(-1, b.shape[-1])  # one knot table per row
+        if knots[0].shape[0] != flat.shape[0]:  # shapes only: no device sync
+            raise ValueError(
+                f"SplineCoupling: the knot network gave {knots[0].shape[0]} knot tables for "
+                f"{flat.shape[0]} input rows; the input must have one row per row of the "
+                "context (e.g. per chart index)"
+            )
+        with trusted_parameters():
+            spline = RationalQuadraticSpline(*knots, bound=self.bound)
         out, ladj = spline._spline(flat, inverse=inverse)
         y = torch.cat([a, out.reshape(b.shape)], -1)
         return y, ladj.reshape(b.shape[:-1])
