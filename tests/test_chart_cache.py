@@ -379,3 +379,16 @@ def test_an_input_that_starts_to_need_a_gradient_is_not_served_from_the_cache():
     atlas().log_prob(x).sum().backward()
     assert bool(cached_grad.abs().sum() > 0)
     torch.testing.assert_close(cached_grad, atlas.context.grad, rtol=0, atol=0)
+
+
+def test_gradients_turned_on_inside_a_gradient_free_scope_get_fresh_results():
+    # A learnable per-chart table (no inputs) kept in a no_grad scope must not be served to a
+    # computation that turns gradients on inside that scope.
+    atlas = A.sphere(10)
+    table = torch.nn.Parameter(torch.ones(3, 2))
+    with torch.no_grad(), chart_cache_scope(atlas):
+        kept = cached(atlas, "t", (), lambda: table * 2)
+        assert cached(atlas, "t", (), lambda: table * 2) is kept
+        with torch.enable_grad():
+            fresh = cached(atlas, "t", (), lambda: table * 2)
+    assert not kept.requires_grad and fresh.requires_grad

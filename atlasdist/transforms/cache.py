@@ -80,9 +80,10 @@ class _State:
 
 
 _STATES: weakref.WeakKeyDictionary[nn.Module, _State] = weakref.WeakKeyDictionary()
-# The table of the innermost scope, with its module (nested scopes of one module share it).
-_ACTIVE: contextvars.ContextVar[tuple[nn.Module, _Table | None] | None] = contextvars.ContextVar(
-    "atlasdist_chart_cache", default=None
+# The table of the innermost scope, with its module (nested scopes of one module share it) and
+# whether gradients were on when it was chosen.
+_ACTIVE: contextvars.ContextVar[tuple[nn.Module, _Table | None, bool] | None] = (
+    contextvars.ContextVar("atlasdist_chart_cache", default=None)
 )
 
 
@@ -148,7 +149,8 @@ def chart_cache_scope(module: nn.Module | None) -> Iterator[None]:
     if module is not None and active is not None and active[0] is module:
         yield  # nested in a scope of the same module: its table, checked once
         return
-    token = _ACTIVE.set(None if module is None else (module, _table(module)))
+    grad = torch.is_grad_enabled()
+    token = _ACTIVE.set(None if module is None else (module, _table(module), grad))
     try:
         yield
     finally:
@@ -188,6 +190,8 @@ def cached(owner, tag, inputs: tuple[torch.Tensor, ...], compute: Callable[[], o
     table = None if active is None else active[1]
     if table is None or _functorch_active():
         return compute()
+    if torch.is_grad_enabled() and not active[2]:
+        return compute()  # gradients turned on inside a gradient-free scope: none kept
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return compute()  # the result needs a graph: computed per call
     if not all(table.is_stable(t) for t in inputs):
