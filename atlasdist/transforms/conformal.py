@@ -36,7 +36,7 @@ from .._checks import (
     trusted_parameters,
     validation_enabled,
 )
-from .cache import cached
+from .cache import _functorch_active, cached
 from .indexed import _check_rows, per_tile, tile_plan, tiled
 from .injective import InjectiveCompose, InjectiveTransform, is_conformal
 
@@ -366,9 +366,7 @@ class StiefelEmbedding(InjectiveTransform):
         if log_scale is not None:
             scale = log_scale.to(x.dtype).exp()[:, None, None]
         # Fresh tiles may be overwritten when no graph and no vmap needs them.
-        in_place = (
-            not torch.is_grad_enabled() and torch._C._functorch.maybe_current_level() is None
-        )
+        in_place = not torch.is_grad_enabled() and not _functorch_active()
 
         def frame_coefficients(u, vk, tk):
             # W u = V z - [u; 0] with z = T V_{1:d}^T u.
