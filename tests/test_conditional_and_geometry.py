@@ -286,8 +286,8 @@ def test_chart_aware_latent_flows_equal_row_wise_conditioning(seed, d, charts, l
 def test_chart_context_with_per_row_inputs_equals_row_wise_conditioning(seed, d, charts, inputs):
     """A ChartContext with per-row inputs e (an atlas modelling p(x | c)) conditions every
     chart-aware latent-flow layer on [v_k, e] for each row: ChartSpline, the ChartDenseNN
-    coupling and a hypernet-conditioned layer give the values, log-dets, inverse and gradients of
-    conditioning each row on that concatenation."""
+    coupling and a hypernet-conditioned layer give the values, log-dets, inverse and gradients
+    (parameters, chart features and inputs) of conditioning each row on that concatenation."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     width = 3 + inputs
@@ -301,6 +301,8 @@ def test_chart_context_with_per_row_inputs_equals_row_wise_conditioning(seed, d,
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64)
     index = torch.randint(charts, (6,), generator=gen)
     e = torch.randn(6, inputs, generator=gen, dtype=torch.float64)
+    features.requires_grad_()
+    e.requires_grad_()
     context = ChartContext(features, index, e)
     assert context.rows().shape == (6, width) and not context.per_chart
     x = 1.5 * torch.randn(6, d, generator=gen, dtype=torch.float64)
@@ -313,7 +315,7 @@ def test_chart_context_with_per_row_inputs_equals_row_wise_conditioning(seed, d,
         ladj = by_chart.log_abs_det_jacobian(x, y)
         torch.testing.assert_close(ladj, by_row.log_abs_det_jacobian(x, y_row))
         torch.testing.assert_close(by_chart.inv(y), x)
-        params = list(part.parameters())
+        params = [*part.parameters(), features, e]
         grads = torch.autograd.grad(y.sum() + ladj.sum(), params)
         y_row = by_row(x)
         grads_row = torch.autograd.grad(
@@ -328,3 +330,47 @@ def test_chart_dense_nn_rejects_a_context_of_the_wrong_width():
     context = ChartContext(torch.randn(3, 3), torch.tensor([0, 2]), torch.randn(2, 2))
     with pytest.raises(ValueError, match="ChartDenseNN: the network takes a context of 4"):
         condition(coupling, context)(torch.randn(2, 2))
+
+
+@given(seed=seeds, charts=st.integers(2, 6), similarity=st.booleans())
+def test_training_runs_the_hypernets_for_the_charts_in_use_only(seed, charts, similarity):
+    """With gradients on, a hypernet-conditioned embedding under a ChartContext runs every
+    hypernet on the distinct charts of its rows only (chart ``charts - 1`` is never used);
+    values, log-dets, the left inverse and the gradients (parameters and chart features) equal
+    conditioning each row on its chart's features. Without gradients all K charts run (the
+    rows the evaluation cache keeps)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    emb = conditional_embedding(2, 3, 3, similarity=similarity)
+    randomize(emb.double(), gen, 0.3)
+    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(charts - 1, (5,), generator=gen)
+    used = int(index.unique().numel())
+    rows_seen = []
+    hypernets = [m for m in emb.modules() if isinstance(m, Hypernet)]
+    hooks = [
+        h.register_forward_hook(lambda m, i, o: rows_seen.append(i[0].shape[0])) for h in hypernets
+    ]
+    by_chart = condition(emb, ChartContext(features, index))
+    assert rows_seen == [used] * len(hypernets)
+    with torch.no_grad():
+        rows_seen.clear()
+        condition(emb, ChartContext(features, index))
+        assert rows_seen == [charts] * len(hypernets)
+    for hook in hooks:
+        hook.remove()
+    by_row = condition(emb, features[index])
+    x = 0.5 * torch.randn(5, 2, generator=gen, dtype=torch.float64)
+    y, y_row = by_chart(x), by_row(x)
+    torch.testing.assert_close(y, y_row)
+    ladj = by_chart.log_abs_det_jacobian(x, y)
+    torch.testing.assert_close(ladj, by_row.log_abs_det_jacobian(x, y_row))
+    torch.testing.assert_close(by_chart.inv(y), x)
+    params = [*emb.parameters(), features]
+    grads = torch.autograd.grad(y.sum() + ladj.sum(), params)
+    y_row = by_row(x)
+    grads_row = torch.autograd.grad(
+        y_row.sum() + by_row.log_abs_det_jacobian(x, y_row).sum(), params
+    )
+    for g, h in zip(grads, grads_row, strict=True):
+        torch.testing.assert_close(g, h)

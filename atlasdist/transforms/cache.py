@@ -51,7 +51,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-__all__ = ["cached", "chart_cache_scope", "clear_chart_cache"]
+__all__ = ["cached", "chart_cache_scope", "clear_chart_cache", "keeps"]
 
 
 class _Table:
@@ -180,22 +180,37 @@ def _versions(tensors) -> tuple:
     return tuple(None if t.is_inference() else t._version for t in tensors)
 
 
+def _keeping_table(inputs: tuple[torch.Tensor, ...]) -> _Table | None:
+    # The table a result of these inputs may be kept in now, or None.
+    active = _ACTIVE.get()
+    table = None if active is None else active[1]
+    if table is None or _functorch_active():
+        return None
+    if torch.is_grad_enabled() and not active[2]:
+        return None  # gradients turned on inside a gradient-free scope: none kept
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return None  # the result needs a graph: computed per call
+    if not all(table.is_stable(t) for t in inputs):
+        return None  # per-call inputs: a kept result would never be asked for again
+    return table
+
+
+def keeps(inputs: tuple[torch.Tensor, ...]) -> bool:
+    """Whether a result computed from ``inputs`` now may be kept for later calls (see
+    :func:`cached`): when it may not (training, the cache turned off), per-chart work is
+    paid on every call, and a layer may do it for the charts a call uses only."""
+    return _keeping_table(inputs) is not None
+
+
 def cached(owner, tag, inputs: tuple[torch.Tensor, ...], compute: Callable[[], object]):
     """``compute()``, or its result from an earlier call with the same ``owner`` (an object
     whose state the result depends on, e.g. the layer; a submodule of the scope's module),
     ``tag`` and input tensors (the same objects, unchanged), inside a
     :func:`chart_cache_scope` that allows it. The result is a tensor or a tuple, list or
     dict of them; callers must not change it in place."""
-    active = _ACTIVE.get()
-    table = None if active is None else active[1]
-    if table is None or _functorch_active():
+    table = _keeping_table(inputs)
+    if table is None:
         return compute()
-    if torch.is_grad_enabled() and not active[2]:
-        return compute()  # gradients turned on inside a gradient-free scope: none kept
-    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
-        return compute()  # the result needs a graph: computed per call
-    if not all(table.is_stable(t) for t in inputs):
-        return compute()  # per-call inputs: a kept result would never be asked for again
     key = (id(owner), tag, *map(id, inputs))
     entry = table.entries.get(key)
     if entry is not None:

@@ -39,7 +39,7 @@ from .._checks import (
     check_sizes,
     trusted_parameters,
 )
-from .cache import cached
+from .cache import _functorch_active, cached, keeps
 from .conformal import ConformalEmbedding
 from .injective import InjectiveCompose, is_conformal
 from .product import ProductEmbedding
@@ -122,6 +122,16 @@ class ChartContext:
     def per_chart(self) -> bool:
         """Whether the context depends on the chart only (no per-row inputs)."""
         return self.inputs is None
+
+    def distinct(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The distinct charts among the rows, sorted, shape :math:`(U,)`, and the position of
+        each row's chart among them, :math:`(B,)` (``torch.unique``; computed once per
+        context)."""
+        memo = self.__dict__.get("_distinct")
+        if memo is None:
+            memo = torch.unique(self.index, return_inverse=True)
+            object.__setattr__(self, "_distinct", memo)
+        return memo
 
     def chart_only(self) -> ChartContext:
         """The same context without the per-row inputs."""
@@ -352,6 +362,23 @@ class Conditional(ConditionalTransformModule):
             context.per_chart or isinstance(self.source, ChartTable)
         ):
             index = context.index
+        if (
+            index is not None
+            and isinstance(self.source, Hypernet)
+            and torch.is_grad_enabled()
+            and not _functorch_active()  # torch.unique has a data-dependent size
+            and not keeps((context.features,))
+        ):
+            # Training pays the per-chart work on every call: the hypernet and what the layer
+            # builds per chart (e.g. a frame's WY form) run for the charts the rows use only,
+            # not for all K, and the rows index those charts. (Without gradients, all K are
+            # computed, as the cache keeps them; the values agree to rounding, not bitwise.)
+            used, position = context.distinct()
+            if used.shape[0] < context.features.shape[0]:
+                params = self._split(self.source(context.features.index_select(0, used)))
+                return self.layer.from_parameters(
+                    *self.args, params, index=position, **self.options
+                )
         params = self.raw_parameters(context)
         return self.layer.from_parameters(*self.args, params, index=index, **self.options)
 
@@ -449,10 +476,15 @@ class ChartDenseNN(ConditionalDenseNN):
             lambda: nn.functional.linear(features, first.weight[:, :f], first.bias),
         )
         rows = per_chart.index_select(0, context.index)
+        # The gathered rows are a fresh tensor that autograd does not keep (index_select saves
+        # only its index), so the products accumulate into it in place: out-of-place addmm
+        # would first copy the (rows, hidden) term into a new allocation. torch.func
+        # transforms get the out-of-place form (the rows may be unbatched where x is not).
+        addmm = torch.addmm if _functorch_active() else torch.Tensor.addmm_
         if e:
-            rows = torch.addmm(rows, context.inputs, first.weight[:, f:c].mT)
+            rows = addmm(rows, context.inputs, first.weight[:, f:c].mT)
         if x.dim() == 2:  # the chart part enters the product as its added term
-            h = torch.addmm(rows, x, first.weight[:, c:].mT)
+            h = addmm(rows, x, first.weight[:, c:].mT)
         else:
             h = nn.functional.linear(x, first.weight[:, c:]) + rows
         # A ReLU in place: h is a fresh product that autograd does not keep (a linear layer
