@@ -374,3 +374,29 @@ def test_training_runs_the_hypernets_for_the_charts_in_use_only(seed, charts, si
     )
     for g, h in zip(grads, grads_row, strict=True):
         torch.testing.assert_close(g, h)
+
+
+def test_distinct_charts_follow_an_index_changed_in_place():
+    """ChartContext.distinct() is computed once per context, and again after its index is
+    changed in place: a reused context never conditions on stale charts."""
+    context = ChartContext(torch.randn(5, 3), torch.tensor([4, 1, 4]))
+    used, position = context.distinct()
+    assert used.tolist() == [1, 4] and position.tolist() == [1, 0, 1]
+    assert context.distinct()[0] is used  # memoized
+    context.index.copy_(torch.tensor([0, 2, 3]))
+    used, position = context.distinct()
+    assert used.tolist() == [0, 2, 3] and position.tolist() == [0, 1, 2]
+
+
+def test_chart_dense_nn_broadcasts_one_context_row_over_the_rows():
+    """A chart context of one row conditions every row of x (the chart part of the first
+    layer broadcasts), with and without gradients, like the plain network on that row."""
+    torch.manual_seed(0)
+    coupling = chart_affine_coupling(4, 3, hidden=(8,))
+    features = torch.randn(3, 3)
+    x = torch.randn(5, 4)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            y = condition(coupling, ChartContext(features, torch.tensor([2])))(x)
+            y_row = condition(coupling, features[2].expand(5, 3))(x)
+        torch.testing.assert_close(y, y_row)

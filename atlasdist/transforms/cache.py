@@ -197,8 +197,9 @@ def _keeping_table(inputs: tuple[torch.Tensor, ...]) -> _Table | None:
 
 def keeps(inputs: tuple[torch.Tensor, ...]) -> bool:
     """Whether a result computed from ``inputs`` now may be kept for later calls (see
-    :func:`cached`): when it may not (training, the cache turned off), per-chart work is
-    paid on every call, and a layer may do it for the charts a call uses only."""
+    :func:`cached`). When it may not and gradients are on (training), per-chart work is paid
+    on every call, and a :class:`~atlasdist.transforms.Conditional` layer does it for the
+    charts a call uses only."""
     return _keeping_table(inputs) is not None
 
 

@@ -128,10 +128,11 @@ class ChartContext:
         each row's chart among them, :math:`(B,)` (``torch.unique``; computed once per
         context)."""
         memo = self.__dict__.get("_distinct")
-        if memo is None:
-            memo = torch.unique(self.index, return_inverse=True)
+        version = self.index._version  # an index changed in place is looked at again
+        if memo is None or memo[0] != version:
+            memo = (version, torch.unique(self.index, return_inverse=True))
             object.__setattr__(self, "_distinct", memo)
-        return memo
+        return memo[1]
 
     def chart_only(self) -> ChartContext:
         """The same context without the per-row inputs."""
@@ -255,7 +256,10 @@ class Conditional(ConditionalTransformModule):
     values, a dict of them by name, or a ``ChartTable``).
 
     Under a :class:`ChartContext` the parameters are computed for the :math:`K` charts once
-    and the layer is indexed by the rows' charts.
+    and the layer is indexed by the rows' charts. With gradients on (training, where nothing
+    is kept between calls), a hypernet source runs on the distinct charts of the rows only
+    (:meth:`ChartContext.distinct`): the layer then holds the parameter rows of those charts,
+    in sorted chart order, and its ``index`` gives each row's position among them.
 
     Arguments:
         layer: a layer class with ``parameter_shapes`` and ``from_parameters`` (e.g.
@@ -371,8 +375,10 @@ class Conditional(ConditionalTransformModule):
         ):
             # Training pays the per-chart work on every call: the hypernet and what the layer
             # builds per chart (e.g. a frame's WY form) run for the charts the rows use only,
-            # not for all K, and the rows index those charts. (Without gradients, all K are
-            # computed, as the cache keeps them; the values agree to rounding, not bitwise.)
+            # not for all K, and the rows index those charts. Without gradients all K are
+            # computed, which the cache can keep for later calls (the values agree with the
+            # subset's to rounding, not bitwise; gradient-free calls with the cache off
+            # compute all K too, so cached and uncached values stay identical).
             used, position = context.distinct()
             if used.shape[0] < context.features.shape[0]:
                 params = self._split(self.source(context.features.index_select(0, used)))
@@ -480,11 +486,15 @@ class ChartDenseNN(ConditionalDenseNN):
         # only its index), so the products accumulate into it in place: out-of-place addmm
         # would first copy the (rows, hidden) term into a new allocation. torch.func
         # transforms get the out-of-place form (the rows may be unbatched where x is not).
-        addmm = torch.addmm if _functorch_active() else torch.Tensor.addmm_
+        in_place = not _functorch_active()
         if e:
-            rows = addmm(rows, context.inputs, first.weight[:, f:c].mT)
+            rows = (rows.addmm_ if in_place else rows.addmm)(
+                context.inputs, first.weight[:, f:c].mT
+            )
         if x.dim() == 2:  # the chart part enters the product as its added term
-            h = addmm(rows, x, first.weight[:, c:].mT)
+            # (out of place when one context row broadcasts over the rows of x)
+            in_place = in_place and rows.shape[0] == x.shape[0]
+            h = (rows.addmm_ if in_place else rows.addmm)(x, first.weight[:, c:].mT)
         else:
             h = nn.functional.linear(x, first.weight[:, c:]) + rows
         # A ReLU in place: h is a fresh product that autograd does not keep (a linear layer
