@@ -228,8 +228,9 @@ def test_state_dict_round_trip_gives_identical_log_prob():
 
 def test_only_the_candidate_charts_are_evaluated():
     """log_prob runs the conditioned flows on N x cap (point, chart) pairs, not N x K; the
-    hypernetworks, which depend on the chart only, run once per chart (K rows), not per
-    pair."""
+    hypernetworks, which depend on the chart only, run once per chart, not per pair: with
+    gradients on the distinct candidate charts of the batch, without on all K (the rows the
+    evaluation cache keeps)."""
     calls, hypernet_rows = [], []
     atlas = AtlasFlow(3, 2, 64, hidden=(8,), layers=1, membership=ChartMembership(m=2))
     original = atlas.charts.embedding
@@ -240,13 +241,20 @@ def test_only_the_candidate_charts_are_evaluated():
     p = atlas.flow(validate_args=False)
     calls.clear()
     hypernet_rows.clear()
-    p.log_prob(torch.randn(10, 3))
+    x = torch.randn(10, 3)
+    p.log_prob(x)
     assert calls == [20]
-    assert hypernet_rows and set(hypernet_rows) == {64}
+    used = int(p.membership.candidates(x, p.centres)[0].unique().numel())
+    assert hypernet_rows and set(hypernet_rows) == {used}
     calls.clear()
     hypernet_rows.clear()
     p.sample((10,))
     assert calls == [10]
+    assert hypernet_rows and set(hypernet_rows) == {64}
+    atlas.cache_charts = False  # nothing kept: the hypernetworks run in this call
+    hypernet_rows.clear()
+    with torch.no_grad():
+        atlas.flow(validate_args=False).log_prob(x)
     assert hypernet_rows and set(hypernet_rows) == {64}
 
 
