@@ -282,6 +282,23 @@ def test_chart_aware_latent_flows_equal_row_wise_conditioning(seed, d, charts, l
         torch.testing.assert_close(by_chart.inv(y), x)
 
 
+def assert_same_maps_and_gradients(by_chart, by_row, x, params):
+    """Two conditionings of one layer agree: values, log-dets, left inverse and the gradients
+    of values plus log-dets with respect to ``params``."""
+    y, y_row = by_chart(x), by_row(x)
+    torch.testing.assert_close(y, y_row)
+    ladj = by_chart.log_abs_det_jacobian(x, y)
+    torch.testing.assert_close(ladj, by_row.log_abs_det_jacobian(x, y_row))
+    torch.testing.assert_close(by_chart.inv(y), x)
+    grads = torch.autograd.grad(y.sum() + ladj.sum(), params)
+    y_row = by_row(x)
+    grads_row = torch.autograd.grad(
+        y_row.sum() + by_row.log_abs_det_jacobian(x, y_row).sum(), params
+    )
+    for g, h in zip(grads, grads_row, strict=True):
+        torch.testing.assert_close(g, h)
+
+
 @given(seed=seeds, d=st.integers(1, 4), charts=st.integers(1, 5), inputs=st.integers(1, 3))
 def test_chart_context_with_per_row_inputs_equals_row_wise_conditioning(seed, d, charts, inputs):
     """A ChartContext with per-row inputs e (an atlas modelling p(x | c)) conditions every
@@ -310,19 +327,7 @@ def test_chart_context_with_per_row_inputs_equals_row_wise_conditioning(seed, d,
         randomize(part.double(), gen, 0.5)
         by_chart = condition(part, context)
         by_row = condition(part, torch.cat([features[index], e], -1))
-        y, y_row = by_chart(x), by_row(x)
-        torch.testing.assert_close(y, y_row)
-        ladj = by_chart.log_abs_det_jacobian(x, y)
-        torch.testing.assert_close(ladj, by_row.log_abs_det_jacobian(x, y_row))
-        torch.testing.assert_close(by_chart.inv(y), x)
-        params = [*part.parameters(), features, e]
-        grads = torch.autograd.grad(y.sum() + ladj.sum(), params)
-        y_row = by_row(x)
-        grads_row = torch.autograd.grad(
-            y_row.sum() + by_row.log_abs_det_jacobian(x, y_row).sum(), params
-        )
-        for g, h in zip(grads, grads_row, strict=True):
-            torch.testing.assert_close(g, h)
+        assert_same_maps_and_gradients(by_chart, by_row, x, [*part.parameters(), features, e])
 
 
 def test_chart_dense_nn_rejects_a_context_of_the_wrong_width():
@@ -361,19 +366,7 @@ def test_training_runs_the_hypernets_for_the_charts_in_use_only(seed, charts, si
         hook.remove()
     by_row = condition(emb, features[index])
     x = 0.5 * torch.randn(5, 2, generator=gen, dtype=torch.float64)
-    y, y_row = by_chart(x), by_row(x)
-    torch.testing.assert_close(y, y_row)
-    ladj = by_chart.log_abs_det_jacobian(x, y)
-    torch.testing.assert_close(ladj, by_row.log_abs_det_jacobian(x, y_row))
-    torch.testing.assert_close(by_chart.inv(y), x)
-    params = [*emb.parameters(), features]
-    grads = torch.autograd.grad(y.sum() + ladj.sum(), params)
-    y_row = by_row(x)
-    grads_row = torch.autograd.grad(
-        y_row.sum() + by_row.log_abs_det_jacobian(x, y_row).sum(), params
-    )
-    for g, h in zip(grads, grads_row, strict=True):
-        torch.testing.assert_close(g, h)
+    assert_same_maps_and_gradients(by_chart, by_row, x, [*emb.parameters(), features])
 
 
 def test_distinct_charts_follow_an_index_changed_in_place():
