@@ -641,7 +641,7 @@ class SplineCoupling(MonotoneMap):
             )
         with trusted_parameters():
             spline = RationalQuadraticSpline(*knots, bound=self.bound)
-        out, ladj = spline._spline(flat, inverse=inverse)
+        out, ladj = spline._map(flat, inverse=inverse)
         y = torch.cat([a, out.reshape(b.shape)], -1)
         return y, ladj.reshape(b.shape[:-1])
 

@@ -173,9 +173,9 @@ class RationalQuadraticSpline(MonotoneMap):
             self._packed = cached(RationalQuadraticSpline, "bins", knots, lambda: _pack(*knots))
         return self._packed
 
-    def _spline(self, x, inverse: bool):
+    def _map(self, x, inverse: bool):
         if x.dim() == 1:
-            y, ladj = self._spline(x.unsqueeze(0), inverse)
+            y, ladj = self._map(x.unsqueeze(0), inverse)
             return y[0], ladj[0]
         shape = x.shape
         features = shape[-1]
@@ -217,9 +217,6 @@ class RationalQuadraticSpline(MonotoneMap):
         out = torch.where(inside, out, flat)
         log_deriv = torch.where(inside, log_deriv, torch.zeros_like(log_deriv))
         return out.reshape(shape), log_deriv.sum(-1).reshape(shape[:-1])
-
-    def _map(self, x, inverse: bool):
-        return self._spline(x, inverse)
 
     def extra_repr(self) -> str:
         return f"features={self.in_features}, bins={self.xs.shape[-1] - 1}, bound={self.bound}"
