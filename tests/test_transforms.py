@@ -240,7 +240,9 @@ def test_mobius_is_accurate_in_float32_near_its_pole(seed, D, log_size, log_gap)
     v = torch.randn(16, D, generator=gen, dtype=torch.float64)
     v = v / v.norm(dim=-1, keepdim=True)
     pole = b / b.pow(2).sum()
-    x32 = (pole * (1 + 10**log_gap * v)).float()  # relative distance 10**log_gap
+    # relative distance 10**log_gap in every direction (scaling pole's coordinates one by one
+    # instead put a point 1e-3 away only 5e-5 away when a coordinate of the pole is ~0)
+    x32 = (pole + 10**log_gap * pole.norm() * v).float()
     b32 = b.float()
     x, bb = x32.double(), b32.double()  # float64 reference on the same (rounded) inputs
     sigma = (bb.norm() * x - bb / bb.norm()).pow(2).sum(-1)
