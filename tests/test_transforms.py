@@ -6,6 +6,7 @@ from _cases import CASES, CONFORMAL, build, draw_inputs, randomize
 from hypothesis import given
 from hypothesis import strategies as st
 
+import atlasdist.transforms.spline as spline_module
 from atlasdist import LearnedCharts
 from atlasdist._checks import no_validation
 from atlasdist.geometry import jacobian, log_volume_ratio
@@ -266,6 +267,27 @@ def test_mobius_gradient_at_the_identity():
     f.double()
     f.log_conformal_factor(x, f(x)).sum().backward()
     torch.testing.assert_close(f.raw.grad, 2 * x.sum(0))
+
+
+@given(seed=seeds, bins=st.integers(1, 20))
+def test_spline_softmax_matches_torch(seed, bins):
+    """The spline knots' softmax (plain passes below 16 bins on CPU, where torch's kernel is
+    slow) is torch's softmax: values and gradients, large logits included (no overflow)."""
+    gen = torch.Generator().manual_seed(seed)
+    for scale in (1e-3, 1.0, 30.0, 200.0):
+        for dtype in (torch.float32, torch.float64):
+            x = (scale * torch.randn(3, 5, bins, generator=gen, dtype=torch.float64)).to(dtype)
+            w = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(dtype)
+            ours, ref = x.clone().requires_grad_(), x.clone().requires_grad_()
+            out, expected = spline_module._softmax(ours), torch.softmax(ref, -1)
+            # Both round to a few ulps of the largest term: of 1 for the values, of max |w|
+            # for the gradients s * (w - sum(s w)), which cancel where one probability is ~1.
+            eps = torch.finfo(dtype).eps
+            torch.testing.assert_close(out, expected, rtol=8 * eps, atol=8 * eps)
+            (out * w).sum().backward()
+            (expected * w).sum().backward()
+            atol = 8 * eps * float(w.abs().max())
+            torch.testing.assert_close(ours.grad, ref.grad, rtol=8 * eps, atol=atol)
 
 
 @pytest.mark.cuda

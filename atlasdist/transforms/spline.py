@@ -20,6 +20,17 @@ _MIN_BIN = 1e-3
 _MIN_DERIVATIVE = 1e-3
 
 
+def _softmax(x: torch.Tensor) -> torch.Tensor:
+    # Softmax over the last dimension. On CPU torch's kernel vectorizes along that dimension
+    # and is about 5x slower (forward; 2.5x with backward) than four plain passes when it is
+    # shorter than 16 (8 bins, measured on an AVX-512 core); longer ones keep it. The
+    # shift is detached: the softmax does not depend on it, so its gradient is zero anyway.
+    if x.device.type != "cpu" or x.shape[-1] >= 16:
+        return x.softmax(-1)
+    e = (x - x.amax(-1, keepdim=True).detach()).exp()
+    return e / e.sum(-1, keepdim=True)
+
+
 def spline_knots(widths, heights, derivatives, bound: float):
     r"""Knots of monotonic rational-quadratic splines on :math:`[-B, B]` from unconstrained
     parameters: ``widths`` and ``heights`` of shape :math:`(*, d, S)` (softmax over the
@@ -34,7 +45,7 @@ def spline_knots(widths, heights, derivatives, bound: float):
     bins = widths.shape[-1]
 
     def knots(raw):
-        size = _MIN_BIN + (1 - _MIN_BIN * bins) * raw.softmax(-1)
+        size = _MIN_BIN + (1 - _MIN_BIN * bins) * _softmax(raw)
         cum = F.pad(size.cumsum(-1), (1, 0))
         cum = 2 * bound * cum - bound
         # Exact end points, whatever the rounding of the cumulative sum.
