@@ -832,6 +832,18 @@ def load_average() -> str:
         return "n/a"
 
 
+def cpu_name() -> str:
+    """The CPU model and the vector instructions torch's kernels use: the atlas/Pyro ratios
+    depend on them (faster matrix products favour the MLP-heavy Pyro flow)."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    return f"{name}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}"
+
+
 def command_line() -> str:
     """This run's command line, with ``PYTHONPATH`` when set (it picks the atlasdist tree)."""
     words = [shlex.quote(w) for w in [sys.executable, *sys.argv]]
@@ -858,6 +870,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{platform.python_version()}, atlasdist from {Path(atlasdist.__file__).parent}",
         f"- device {args.device}"
         + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else "")
+        + f", CPU {cpu_name()}"
         + f", threads {torch.get_num_threads()} (of {os.cpu_count()} CPUs), seed {args.seed}, "
         f"load average at start {load_average()}",
         f"- D={args.dim}, d={args.latent}, m=2, K in {args.charts}, layers={args.layers}, "
