@@ -173,17 +173,28 @@ def test_flow_density_and_samples_agree_with_chart_log_prob(charts, coupling):
 
 @pytest.mark.parametrize("coupling", ["additive", "affine"])
 def test_flow_density_integrates_to_one(coupling):
-    """Quadrature of p(x) on a grid (D = 2, one chart, random couplings)."""
+    """Quadrature of p(x) on a grid (D = 2, one chart, random couplings).
+
+    Seeded: the couplings start from torch's random initialization (perturbed by
+    ``_randomise``), and some draws give heavy tails (0.2 % of the mass beyond |x| = 16) or
+    sharp ridges (a grid step of 0.02 then over-counts by 1e-3); on the draws checked the
+    grid mass equalled the sampled fraction inside the box. The premise is checked: no sample
+    of 10^5 beyond the box."""
+    torch.manual_seed(0)
     model = ManifoldPriorFlow(
         2, noise=0.2, coupling=coupling, hidden=(16,), init_scales=torch.tensor([[1.0, 0.3]])
     ).double()
     _randomise(model.couplings, 4, size=0.3)
-    h = 0.02
-    grid = torch.arange(-8, 8 + h / 2, h, dtype=torch.float64)
-    points = torch.cartesian_prod(grid, grid)
+    p = model.flow()
+    h, box = 0.01, 16.0
+    grid = torch.arange(-box, box + h / 2, h, dtype=torch.float64)
     with torch.no_grad():
-        mass = model.flow().log_prob(points).exp().sum() * h * h
-    assert abs(float(mass) - 1) < 1e-3
+        assert not bool((p.sample((100_000,)).abs() > box).any())
+        mass = sum(
+            float(p.log_prob(torch.cartesian_prod(rows, grid)).exp().sum())
+            for rows in grid.split(800)
+        )
+    assert abs(mass * h * h - 1) < 1e-3
 
 
 def test_additive_flow_is_volume_preserving():
