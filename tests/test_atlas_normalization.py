@@ -47,15 +47,23 @@ def test_torus_product_chart(seed):
 @settings(max_examples=5)
 @given(seed=seeds)
 def test_learned_conformal_chart_over_latent_coordinates(seed):
-    """Integrates over the embedding's latent coordinates u with the autodiff Gram
-    determinant as the area element: the integral of p over the chart image."""
-    atlas, embedding = A.conformal_chart(seed)
-    n, half = 500, 9.0
+    """Integrates p over the chart image in the coordinates z of the base distribution,
+    x = g(z) = c(h(z)) (``decode``), with the autodiff Gram determinant of the whole map as
+    the area element. The integrand is then smooth (it is the standard normal density when
+    ``log_prob`` is right), so a midpoint grid is exact to ~1e-15 (measured) and the test holds
+    it to 1e-9. (In the embedding's coordinates u = h(z), a 500 x 500 grid on [-9, 9]^2 missed
+    by 2e-3 on a sharp draw of the random latent flow, converging to 1e-5 only at 4x the
+    points per axis.)"""
+    atlas, _ = A.conformal_chart(seed)
+    p = atlas.flow(validate_args=True)
+    n, half = 400, 8.0
     grid = (torch.arange(n, dtype=torch.float64) + 0.5) * (2 * half / n) - half
-    u = torch.cartesian_prod(grid, grid)
-    area = log_volume_ratio(embedding, u).exp() * (2 * half / n) ** 2
+    z = torch.cartesian_prod(grid, grid)
+
+    def decode(v):
+        return p.decode(v, torch.zeros(v.shape[:-1], dtype=torch.long))
+
+    area = log_volume_ratio(decode, z).detach().exp() * (2 * half / n) ** 2
     with torch.no_grad():
-        x = embedding(u)
-        p = atlas.flow(validate_args=True)
-        dens = torch.cat([p.log_prob(c).exp() for c in x.split(50000)])
-    assert abs(float((dens * area).sum()) - 1) <= TOL
+        dens = torch.cat([p.log_prob(c).exp() for c in decode(z).split(50000)])
+    assert abs(float((dens * area).sum()) - 1) <= 1e-9
