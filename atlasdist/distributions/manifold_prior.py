@@ -37,6 +37,7 @@ from .._checks import (
     check_sizes,
     model_tensor,
 )
+from .._linalg import matrix_exp
 from ..lazy import LazyDistribution
 
 __all__ = [
@@ -125,7 +126,7 @@ class _Orthogonal(Transform):
 
 def _rotation(skew: torch.Tensor) -> torch.Tensor:
     upper = skew.triu(1)
-    return torch.linalg.matrix_exp(upper - upper.mT)
+    return matrix_exp(upper - upper.mT)
 
 
 class ManifoldPriorDistribution(dist.TransformedDistribution):
