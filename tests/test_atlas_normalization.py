@@ -39,8 +39,12 @@ def test_sphere_two_stereographic_charts(seed):
 @settings(max_examples=5)
 @given(seed=seeds)
 def test_torus_product_chart(seed):
+    """The latent splines' second derivative jumps at their knots, so the density has kinks
+    and the periodic rule converges as h^2, not spectrally: 300 points per angle missed by
+    1.04e-3 on one draw (converging to 1: 1e-4, 4e-5, 9e-6 at 600, 1200, 2400); 600 points
+    missed by 1.2e-4 at most over 31 draws."""
     atlas = A.torus(seed)
-    x, w = A.torus_points(300)
+    x, w = A.torus_points(600)
     assert abs(A.integrate(atlas, x, w) - 1) <= TOL
 
 
