@@ -118,7 +118,12 @@ def test_constraints_hold_for_large_raw_parameters(n, seed, log_scale, diag_scal
     )
     assert torch.linalg.det(q) > 0 and torch.equal(r, r.triu())
     assert bool((r.diagonal() > 0).all()) and bool(torch.isfinite(r).all())
-    assert abs(float(logdet - r.diagonal().log().sum())) <= 1e-12 * (1 + abs(float(logdet)))
+    # logdet = sum log r_ii + log|det Q|, and log|det Q| = tr(Q^T Q - I) / 2 to first order:
+    # as small as Q's measured orthogonality defect (1.2e-12 for raw values ~800, where the
+    # exponential scales down and squares back up), not zero
+    defect = float((q.mT @ q - torch.eye(n - 1, dtype=torch.float64)).abs().max())
+    gap = abs(float(logdet - r.diagonal().log().sum()))
+    assert gap <= 1e-12 * (1 + abs(float(logdet))) + (n - 1) * defect
     assert float(c.temperature) > 0
     p = simplex_points(n, (16,), seed)
     for f in (g, c):
