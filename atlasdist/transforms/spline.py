@@ -83,11 +83,17 @@ def _check_knots(xs, ys, ds, bound: float) -> None:
 
 
 def _pack(xs, ys, ds):
+    # Per bin, the values the formulas of RationalQuadraticSpline._map read, so that a pass
+    # gathers them once and does little per element: x_k, y_k, w_k, s_k, c_k, A_k, B_k,
+    # delta_k and E_k, with c_k = delta_k + delta_{k+1} - 2 s_k, A_k = h_k (s_k - delta_k),
+    # B_k = h_k delta_k and E_k = 2 (s_k - delta_k).
     x0, y0 = xs[..., :-1], ys[..., :-1]
     w, h = xs[..., 1:] - x0, ys[..., 1:] - y0
     slope = h / w
     d0, d1 = ds[..., :-1], ds[..., 1:]
-    return torch.stack([x0, y0, w, h, slope, d0, d1, d0 + d1 - 2 * slope]).reshape(8, -1)
+    rise = slope - d0
+    planes = [x0, y0, w, slope, d0 + d1 - 2 * slope, h * rise, h * d0, d0, 2 * rise]
+    return torch.stack(planes).reshape(len(planes), -1)
 
 
 class MonotoneMap(InjectiveTransform):
@@ -200,34 +206,39 @@ class RationalQuadraticSpline(MonotoneMap):
         # gathered per row as a contiguous (rows, d) plane; much faster than a search).
         planes = knots_in[..., 1:-1].permute(2, 0, 1).index_select(1, row)
         count = torch.uint8 if bins <= 255 else torch.int64  # small sums: no int64 pass
-        k = (clamped.unsqueeze(0) > planes).to(count).sum(0, dtype=count).long()
-        first = (row * (features * bins)).unsqueeze(-1)
-        at = first + torch.arange(0, features * bins, bins, device=x.device) + k
-        x0, y0, w, h, slope, d0, d1, c = self._bins().to(x.dtype).index_select(1, at.reshape(-1))
-        x0, y0, w, h, slope, d0, d1, c = (
-            t.reshape(flat.shape) for t in (x0, y0, w, h, slope, d0, d1, c)
-        )
+        k = (clamped.unsqueeze(0) > planes).sum(0, dtype=count)
+        # The row of each (point, coordinate) in the bin table; 32-bit indices gather faster.
+        index = torch.int32 if self.xs.numel() < 2**31 else torch.int64
+        first = (row.to(index) * (features * bins)).unsqueeze(-1)
+        at = first + torch.arange(0, features * bins, bins, device=x.device, dtype=index) + k
+        planes = self._bins().to(x.dtype).index_select(1, at.reshape(-1))
+        x0, y0, w, slope, c, rise_h, d0_h, d0, rise2 = planes.reshape((len(planes),) + flat.shape)
+        # With xi = (x - x_k) / w_k in the bin: y = y_k + xi (A xi + B) / den,
+        # den = s + c xi (1 - xi), and dy/dx = (s / den)^2 (delta_k + xi (c xi + E)).
         if inverse:
+            # The root in [0, 1] of (A + dy c) xi^2 + (B - dy c) xi - s dy = 0, dy = y - y_k,
+            # in the form without cancellation: xi = 2 s dy / (b + sqrt(b^2 + 4 a s dy)).
             dy = clamped - y0
-            a = h * (slope - d0) + dy * c
-            b = h * d0 - dy * c
-            cc = -slope * dy
-            xi = (2 * cc) / (-b - (b * b - 4 * a * cc).clamp_min(0).sqrt())
-            out = x0 + xi * w
-            t = xi * (1 - xi)
+            dyc = dy * c
+            a = rise_h + dyc
+            b = d0_h - dyc
+            sdy = slope * dy
+            root = torch.addcmul(b * b, a, sdy, value=4).clamp_min(0).sqrt()
+            xi = (sdy + sdy) / (b + root)
+            out = torch.addcmul(x0, xi, w)
         else:
             xi = (clamped - x0) / w
-            t = xi * (1 - xi)
-            out = y0 + h * (slope * xi * xi + d0 * t) / (slope + c * t)
-        denom = slope + c * t
-        one_minus = 1 - xi
-        deriv = slope * slope * (d1 * xi * xi + 2 * slope * t + d0 * one_minus * one_minus)
-        log_deriv = (deriv / (denom * denom)).log()
-        if inverse:
-            log_deriv = -log_deriv
+        cxi = c * xi
+        denom = torch.addcmul(slope, cxi, 1 - xi)
+        if not inverse:
+            out = torch.addcdiv(y0, xi * torch.addcmul(d0_h, rise_h, xi), denom)
+        q = slope / denom
+        log_deriv = (q * q * torch.addcmul(d0, xi, cxi + rise2)).log()
         out = torch.where(inside, out, flat)
-        log_deriv = torch.where(inside, log_deriv, torch.zeros_like(log_deriv))
-        return out.reshape(shape), log_deriv.sum(-1).reshape(shape[:-1])
+        log_det = torch.where(inside, log_deriv, 0.0).sum(-1)
+        if inverse:
+            log_det = -log_det
+        return out.reshape(shape), log_det.reshape(shape[:-1])
 
     def extra_repr(self) -> str:
         return f"features={self.in_features}, bins={self.xs.shape[-1] - 1}, bound={self.bound}"
