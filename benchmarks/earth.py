@@ -41,6 +41,7 @@ from atlasdist.training import fit
 from atlasdist.transforms import (
     NormalizedAffine,
     NormalizedTranslation,
+    ZukoTransform,
 )
 
 EARTH = ["volcano", "earthquake", "flood", "fire"]
@@ -127,7 +128,12 @@ def von_mises_mixture(train, val, test, components=(4, 8, 16, 32), iterations=20
 
 def sphere_atlas(layers, hidden, count_bins, coupling="affine"):
     poles = torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, -1.0]])
-    flows = default_latent_flow(2, 2, layers, hidden, count_bins, coupling=coupling)
+    if coupling == "cnf":  # zuko's continuous flow (FFJORD), context: the one-hot chart
+        import zuko
+
+        flows = [ZukoTransform(zuko.flows.CNF(2, context=2, hidden_features=hidden))]
+    else:
+        flows = default_latent_flow(2, 2, layers, hidden, count_bins, coupling=coupling)
     return AtlasFlow.spheres(2, torch.zeros(2, 3), torch.ones(2), poles, flows=flows)
 
 
@@ -317,8 +323,13 @@ def table(results, cfg, wall):
         f"({cfg.sphere_time_limit} s per SphereFlow fit), batch {cfg.batch_size} (at most a "
         f"quarter of the training set; RNA {cfg.rna_batch_size}), lr {cfg.lr} "
         f"(RNA atlas {cfg.rna_lr}; plateau schedule), patience {cfg.patience}, atlas latent "
-        f"flow {cfg.layers} layers of {cfg.bins}-bin splines with {cfg.coupling} coupling "
-        f"(RNA: {cfg.torus_coupling}; {cfg.torus_charts} product charts), hidden "
+        + (
+            "flow zuko's CNF (exact trace in evaluation, Hutchinson's in training) "
+            if cfg.coupling == "cnf"
+            else f"flow {cfg.layers} layers of {cfg.bins}-bin splines with {cfg.coupling} "
+            "coupling "
+        )
+        + f"(RNA: {cfg.torus_coupling}; {cfg.torus_charts} product charts), hidden "
         f"{cfg.hidden}; {cfg.jobs} parallel job(s) of {cfg.threads} thread(s). Wall time "
         f"{wall:.0f} s.",
     ]
@@ -414,7 +425,10 @@ def main(argv=None):
     parser.add_argument("--bins", type=int, default=16)
     choice = {"choices": ["affine", "spline", "spline_coupling"]}
     parser.add_argument(
-        "--coupling", default="spline_coupling", **choice, help="earth latent flow"
+        "--coupling",
+        default="spline_coupling",
+        choices=[*choice["choices"], "cnf"],
+        help="earth latent flow ('cnf': zuko's continuous flow, needs atlasdist[zuko])",
     )
     parser.add_argument("--torus-coupling", default="affine", **choice, help="RNA latent flow")
     parser.add_argument("--torus-charts", type=int, default=3, help="product charts on T^7")

@@ -15,6 +15,7 @@ from . import (
     cache,
     conditional,
     conformal,
+    external,
     indexed,
     injective,
     manifold,
@@ -26,6 +27,7 @@ from . import (
 from .cache import *  # noqa: F403  (the names are the submodules' __all__)
 from .conditional import *  # noqa: F403
 from .conformal import *  # noqa: F403
+from .external import *  # noqa: F403
 from .indexed import *  # noqa: F403
 from .injective import *  # noqa: F403
 from .manifold import *  # noqa: F403
@@ -45,6 +47,7 @@ __all__ = [
     *spline.__all__,
     *conditional.__all__,
     *cache.__all__,
+    *external.__all__,
     "unit_sphere",
     "sphere_tolerance",
     "helmert_basis",
