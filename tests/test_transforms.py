@@ -290,6 +290,26 @@ def test_spline_softmax_matches_torch(seed, bins):
             torch.testing.assert_close(ours.grad, ref.grad, rtol=8 * eps, atol=atol)
 
 
+def test_spline_called_first_without_gradients_still_gives_them_later():
+    """A spline keeps its packed bin table; one packed under no_grad must not serve a later
+    call with gradients on (the knots' gradient would silently be missing)."""
+    gen = torch.Generator().manual_seed(0)
+    raw = [torch.randn(1, 3, n, generator=gen, dtype=torch.float64) for n in (8, 8, 7)]
+    raw[0].requires_grad_()
+    f = spline_module.RationalQuadraticSpline.from_parameters(*raw, bound=3.0)
+    x = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        f(x)
+    y = f(x)
+    assert y.requires_grad
+    y.sum().backward()
+    fresh = raw[0].detach().clone().requires_grad_()
+    spline_module.RationalQuadraticSpline.from_parameters(fresh, *raw[1:], bound=3.0)(
+        x
+    ).sum().backward()
+    torch.testing.assert_close(raw[0].grad, fresh.grad, rtol=0, atol=0)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cuda_matches_cpu(name):

@@ -183,12 +183,19 @@ class RationalQuadraticSpline(MonotoneMap):
         return table_row.repeat(lead) if lead > 1 else table_row
 
     def _bins(self):
-        # Per table row (chart) and bin, the values the formulas need, packed once:
-        # x_k, y_k, w_k, h_k, s_k, delta_k, delta_{k+1}, delta_k + delta_{k+1} - 2 s_k.
-        if getattr(self, "_packed", None) is None:
-            knots = (self.xs, self.ys, self.ds)
-            self._packed = cached(RationalQuadraticSpline, "bins", knots, lambda: _pack(*knots))
-        return self._packed
+        # Per table row (chart) and bin, the values the formulas need (_pack), packed once.
+        # A table packed without a graph (under no_grad) is packed again when the knots need
+        # a gradient and gradients are on, else that call would silently give none.
+        knots = (self.xs, self.ys, self.ds)
+        packed = getattr(self, "_packed", None)
+        if packed is None or (
+            not packed.requires_grad
+            and torch.is_grad_enabled()
+            and any(k.requires_grad for k in knots)
+        ):
+            packed = cached(RationalQuadraticSpline, "bins", knots, lambda: _pack(*knots))
+            self._packed = packed
+        return packed
 
     def _map(self, x, inverse: bool):
         if x.dim() == 1:
