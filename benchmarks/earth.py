@@ -172,7 +172,9 @@ def sparse_poles(angles, charts, bins=72, separation=math.pi / 2):
     return torch.stack(poles)
 
 
-def fit_model(model, train, val, test, cfg, seed, lr=None, time_limit=None, batch_size=None):
+def fit_model(
+    model, train, val, test, cfg, seed, lr=None, time_limit=None, batch_size=None, patience=None
+):
     # At least 4 steps per epoch: patience and the plateau schedule count epochs, and a small
     # set (volcano: 661 training points) would otherwise take one full-batch step per epoch.
     batch_size = min(cfg.batch_size if batch_size is None else batch_size, len(train) // 4)
@@ -184,7 +186,7 @@ def fit_model(model, train, val, test, cfg, seed, lr=None, time_limit=None, batc
         epochs=cfg.epochs,
         batch_size=max(batch_size, 1),
         lr=cfg.lr if lr is None else lr,
-        patience=cfg.patience,
+        patience=cfg.patience if patience is None else patience,
         schedule="plateau",
         time_limit=cfg.time_limit if time_limit is None else time_limit,
         seed=seed,
@@ -254,7 +256,15 @@ def run_rna(seed, cfg):
     start = time.perf_counter()
     try:
         nll, seconds, history = fit_model(
-            model, train, val, test, cfg, seed, lr=cfg.rna_lr, batch_size=cfg.rna_batch_size
+            model,
+            train,
+            val,
+            test,
+            cfg,
+            seed,
+            lr=cfg.rna_lr,
+            batch_size=cfg.rna_batch_size,
+            patience=cfg.rna_patience,
         )
         note = f"{len(history['loss'])} epochs, best {history.best_epoch + 1}, "
         note += history.stop_reason
@@ -322,7 +332,8 @@ def table(results, cfg, wall):
         f"Settings: at most {cfg.epochs} epochs and {cfg.time_limit} s per atlas fit "
         f"({cfg.sphere_time_limit} s per SphereFlow fit), batch {cfg.batch_size} (at most a "
         f"quarter of the training set; RNA {cfg.rna_batch_size}), lr {cfg.lr} "
-        f"(RNA atlas {cfg.rna_lr}; plateau schedule), patience {cfg.patience}, atlas latent "
+        f"(RNA atlas {cfg.rna_lr}; plateau schedule), patience {cfg.patience} (RNA "
+        f"{cfg.rna_patience}), atlas latent "
         + (
             "flow zuko's CNF (exact trace in evaluation, Hutchinson's in training) "
             if cfg.coupling == "cnf"
@@ -415,7 +426,8 @@ def main(argv=None):
     parser.add_argument("--epochs", type=int, default=20000)
     parser.add_argument("--time-limit", type=float, default=360.0, help="seconds per fit")
     parser.add_argument("--sphere-time-limit", type=float, default=60.0, help="per SphereFlow")
-    parser.add_argument("--patience", type=int, default=100)
+    parser.add_argument("--patience", type=int, default=300, help="epochs, earth fits")
+    parser.add_argument("--rna-patience", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--rna-batch-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-3)
