@@ -43,7 +43,7 @@ from .cache import _functorch_active, cached, keeps
 from .conformal import ConformalEmbedding
 from .injective import InjectiveCompose, is_conformal
 from .product import ProductEmbedding
-from .spline import MonotoneMap, RationalQuadraticSpline, spline_knots
+from .spline import OnePassBijection, RationalQuadraticSpline, spline_knots
 
 __all__ = [
     "ChartContext",
@@ -599,7 +599,7 @@ class ChartSpline(_ChartSplineLayer):
             return RationalQuadraticSpline(*knots, bound=self.bound, index=index)
 
 
-class SplineCoupling(MonotoneMap):
+class SplineCoupling(OnePassBijection):
     r"""Rational-quadratic spline coupling of :math:`\mathbb{R}^d` (Durkan et al. 2019):
     :math:`(x_a, x_b) \mapsto (x_a,\ s(x_b;\ \theta(x_a)))`, :math:`x_a` the first
     ``split`` coordinates, :math:`s` a monotonic rational-quadratic spline of each coordinate

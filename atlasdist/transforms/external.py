@@ -15,7 +15,7 @@ import torch
 from pyro.distributions.conditional import ConditionalTransformModule
 
 from .._checks import check_count
-from .spline import MonotoneMap
+from .spline import OnePassBijection
 
 __all__ = ["ZukoTransform"]
 
@@ -47,7 +47,7 @@ def _exact_trace(lazy, exact: bool):
             m.exact = value
 
 
-class _ZukoMap(MonotoneMap):
+class _ZukoMap(OnePassBijection):
     # A zuko transformation maps data to noise (u -> z); the atlas's latent flow maps z -> u,
     # so this is its inverse. Each pass returns its log-det with its output (call_and_ladj),
     # one ODE solve for a continuous flow.

@@ -96,7 +96,7 @@ def _pack(xs, ys, ds):
     return torch.stack(planes).reshape(len(planes), -1)
 
 
-class MonotoneMap(InjectiveTransform):
+class OnePassBijection(InjectiveTransform):
     r"""A bijection of :math:`\mathbb{R}^d` whose passes give their log-det with the output:
     subclasses implement ``_map(x, inverse) -> (out, ladj of that pass)``; the last pass's
     ``(x, y, ladj)`` is kept, so ``log_abs_det_jacobian(x, y)`` right after it costs nothing
@@ -128,7 +128,7 @@ class MonotoneMap(InjectiveTransform):
         return self._map(x, inverse=False)[1]
 
 
-class RationalQuadraticSpline(MonotoneMap):
+class RationalQuadraticSpline(OnePassBijection):
     r"""Monotonic rational-quadratic spline applied to each coordinate of
     :math:`\mathbb{R}^d`, the identity outside :math:`[-B, B]` (Durkan et al. 2019). In bin
     :math:`k` with :math:`\xi = (x - x_k)/w_k` and slope :math:`s_k = h_k / w_k`,
