@@ -637,8 +637,8 @@ def section_speed(args: argparse.Namespace, report: Report) -> None:
             }
         report.add(
             "",
-            "Distinct candidate charts in one batch of N samples (with gradients the "
-            "hypernetworks and frames run for these only): "
+            "Distinct candidate charts in one batch of N samples (with gradients the per-chart "
+            "work, hypernetworks, frames, knots and coupling chart terms, runs for these only): "
             + ", ".join(f"K={K}: {u}" for K, u in used.items())
             + (
                 "; centres on samples: " + ", ".join(f"K={K}: {u}" for K, u in used_spread.items())

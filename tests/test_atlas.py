@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from scipy import stats
 
 from atlasdist import AtlasFlow, AtlasFlowDistribution, ChartMembership
-from atlasdist.transforms import Hypernet
+from atlasdist.transforms import ChartSpline, Hypernet, clear_chart_cache
 
 seeds = st.integers(0, 2**20)
 ATLASES = {
@@ -232,34 +232,40 @@ def test_state_dict_round_trip_gives_identical_log_prob():
 
 def test_only_the_candidate_charts_are_evaluated():
     """log_prob runs the conditioned flows on N x cap (point, chart) pairs, not N x K; the
-    hypernetworks, which depend on the chart only, run once per chart, not per pair: with
-    gradients on the distinct candidate charts of the batch, without on all K (the rows the
-    evaluation cache keeps)."""
-    calls, hypernet_rows = [], []
+    hypernetworks and the splines' knot networks, which depend on the chart only, run once
+    per chart, not per pair: with gradients on the distinct candidate charts of the batch,
+    without on all K (the rows the evaluation cache keeps)."""
+    calls, rows = [], []
     atlas = AtlasFlow(3, 2, 64, hidden=(8,), layers=1, membership=ChartMembership(m=2))
     original = atlas.charts.embedding
     atlas.charts.embedding = lambda ctx: calls.append(len(ctx)) or original(ctx)
-    for module in atlas.modules():
-        if isinstance(module, Hypernet):
-            module.register_forward_hook(lambda m, a, out: hypernet_rows.append(a[0].shape[0]))
+    knot_networks = [m.nn for m in atlas.modules() if isinstance(m, ChartSpline)]
+    for module in [*atlas.modules()]:
+        knots = any(module is k for k in knot_networks)
+        if isinstance(module, Hypernet) or knots:
+            kind = "knots" if knots else "hypernet"
+            module.register_forward_hook(lambda m, a, out, k=kind: rows.append((k, len(a[0]))))
     p = atlas.flow(validate_args=False)
+    x = p.sample((10,))  # on the charts' images: the latent flows run
+    clear_chart_cache(atlas)  # the sample below computes the per-chart terms again
     calls.clear()
-    hypernet_rows.clear()
-    x = torch.randn(10, 3)
+    rows.clear()
     p.log_prob(x)
     assert calls == [20]
     used = int(p.membership.candidates(x, p.centres)[0].unique().numel())
-    assert hypernet_rows and set(hypernet_rows) == {used}
+    assert {kind for kind, _ in rows} == {"hypernet", "knots"}
+    assert {n for _, n in rows} == {used}
     calls.clear()
-    hypernet_rows.clear()
+    rows.clear()
     p.sample((10,))
     assert calls == [10]
-    assert hypernet_rows and set(hypernet_rows) == {64}
+    assert rows and {n for _, n in rows} == {64}
     atlas.cache_charts = False  # nothing kept: the hypernetworks run in this call
-    hypernet_rows.clear()
+    rows.clear()
     with torch.no_grad():
         atlas.flow(validate_args=False).log_prob(x)
-    assert hypernet_rows and set(hypernet_rows) == {64}
+    assert {kind for kind, _ in rows} == {"hypernet", "knots"}
+    assert {n for _, n in rows} == {64}
 
 
 def _distinct_chart_atlas(seed: int) -> AtlasFlow:

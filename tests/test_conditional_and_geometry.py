@@ -374,6 +374,87 @@ def test_training_runs_the_hypernets_for_the_charts_in_use_only(seed, charts, si
     assert_same_maps_and_gradients(by_chart, by_row, x, [*emb.parameters(), features])
 
 
+class _FeatureRows(torch.overrides.TorchFunctionMode):
+    """Records the rows of every chart-feature table a layer computes from: inputs to any
+    linear map with the features' width (3), which only the per-chart terms have here."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.nn.functional.linear and args[0].shape[-1] == 3:
+            self.rows.append(args[0].shape[0])
+        return func(*args, **(kwargs or {}))
+
+
+@given(seed=seeds, d=st.integers(1, 4), charts=st.integers(2, 6))
+def test_training_computes_the_latent_flows_chart_terms_for_the_charts_in_use_only(
+    seed, d, charts
+):
+    """With gradients on, the chart-aware latent-flow layers (ChartSpline's knots, the chart
+    part of the ChartDenseNN in the affine and spline couplings) compute what depends on the
+    chart for the distinct charts of the rows only (chart ``charts - 1`` is never used), and
+    equal conditioning each row on its chart's features: values, log-dets, inverse and
+    gradients (parameters and chart features). Without gradients all K charts run (the rows
+    the evaluation cache keeps)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    parts = [ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=2.0)]
+    if d > 1:
+        parts.append(chart_affine_coupling(d, 3, hidden=(8,)))
+        parts.append(ChartSplineCoupling(d, 3, hidden=(8,), count_bins=4, bound=2.0))
+    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(charts - 1, (7,), generator=gen)
+    used = int(index.unique().numel())
+    x = 1.5 * torch.randn(7, d, generator=gen, dtype=torch.float64)
+    for part in parts:
+        randomize(part.double(), gen, 0.5)
+        with _FeatureRows() as seen:
+            by_chart = condition(part, ChartContext(features, index))
+            by_chart(x)  # a coupling computes its chart part when it runs
+        assert seen.rows == [used]
+        with torch.no_grad(), _FeatureRows() as seen:
+            condition(part, ChartContext(features, index))(x)
+        assert seen.rows == [charts]
+        by_row = condition(part, features[index])
+        assert_same_maps_and_gradients(by_chart, by_row, x, [*part.parameters(), features])
+
+
+@given(seed=seeds, d=st.integers(1, 4), charts=st.integers(2, 6))
+def test_a_subset_of_rows_keeps_the_charts_of_all_rows(seed, d, charts):
+    """ChartContext.subset(rows): with gradients on, the layers conditioned on it compute their
+    per-chart quantities for the charts of all the rows (here one more than the subset uses),
+    and give on those rows bitwise the values and log-dets of the layers conditioned on the
+    whole context (an atlas's exact density runs its flows on some pairs and keeps the values
+    of evaluating every pair)."""
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    parts = [ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=2.0)]
+    if d > 1:
+        parts.append(chart_affine_coupling(d, 3, hidden=(8,)))
+        parts.append(ChartSplineCoupling(d, 3, hidden=(8,), count_bins=4, bound=2.0))
+    features = torch.randn(charts, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    index = torch.cat([torch.randint(charts - 1, (6,), generator=gen), torch.tensor([charts - 1])])
+    rows = (index != charts - 1).nonzero().squeeze(-1)  # every row but the last chart's
+    everything = ChartContext(features, index)
+    used = int(index.unique().numel())
+    x = 1.5 * torch.randn(7, d, generator=gen, dtype=torch.float64)
+    for part in parts:
+        randomize(part.double(), gen, 0.5)
+        whole = condition(part, everything)
+        with _FeatureRows() as seen:
+            some = condition(part, everything.subset(rows))
+            y = some(x[rows])
+        assert seen.rows == [used]
+        y_whole = whole(x)
+        assert torch.equal(y, y_whole[rows])
+        assert torch.equal(
+            some.log_abs_det_jacobian(x[rows], y),
+            whole.log_abs_det_jacobian(x, y_whole)[rows],
+        )
+
+
 def test_distinct_charts_follow_an_index_changed_in_place():
     """ChartContext.distinct() is computed once per context, and again after its index is
     changed in place: a reused context never conditions on stale charts."""

@@ -250,8 +250,13 @@ class AtlasFlowDistribution(EmbeddedDistribution):
             self.chart_code, "features", (self.context,), lambda: self.chart_code(self.context)
         )
 
-    def _latent_flows(self, features, charts, inputs):
+    def _latent_flows(self, features, charts, inputs, rows=None):
+        # With ``rows``: the flows of those rows only, their per-chart quantities computed for
+        # the charts of all the rows (ChartContext.subset), so their values are bitwise those
+        # of the flows of all the rows.
         ctx = ChartContext(features, charts, inputs)
+        if rows is not None:
+            ctx = ctx.subset(rows)
         return [condition(part, ctx) for part in self.flows]
 
     def _embedding(self, features, charts):
@@ -412,11 +417,7 @@ class AtlasFlowDistribution(EmbeddedDistribution):
                 z = u.new_full(u.shape[:-1] + (self.latent_dim,), math.nan)
                 log_latent = u.new_full(u.shape[:-1], -math.inf)
                 if keep.numel():
-                    flows = self._latent_flows(
-                        features,
-                        flat_charts.index_select(0, keep),
-                        None if inputs is None else inputs.index_select(0, keep),
-                    )
+                    flows = self._latent_flows(features, flat_charts, inputs, rows=keep)
                     z_kept, log_kept = self._latent_log_prob(u.index_select(0, keep), flows)
                     z = z.index_copy(0, keep, z_kept)
                     log_latent = log_latent.index_copy(0, keep, log_kept)

@@ -134,6 +134,46 @@ class ChartContext:
             object.__setattr__(self, "_distinct", memo)
         return memo[1]
 
+    def charts_in_use(self) -> tuple[torch.Tensor, torch.Tensor]:
+        r"""The features a chart-aware layer computes its per-chart quantities from, and the
+        row of each input row among them.
+
+        With gradients on and nothing kept between calls (training, where the chart cache
+        keeps nothing), the charts the rows use only:
+        ``(features[used], position)`` (:meth:`distinct`), so a call pays per-chart work
+        (hypernetworks, knots, frames) for the charts it touches, not for all :math:`K`.
+        Otherwise ``(features, index)``: all :math:`K`, which the chart cache can keep for
+        later calls (the two agree to rounding, not bitwise; gradient-free calls with the cache
+        off compute all :math:`K` too, so cached and uncached values stay identical).
+        """
+        if (
+            torch.is_grad_enabled()
+            and not _functorch_active()  # torch.unique has a data-dependent size
+            and not keeps((self.features,))
+        ):
+            superset = self.__dict__.get("_superset")
+            if superset is None:
+                used, position = self.distinct()
+            else:  # the charts of all the rows this context was selected from
+                context, rows = superset
+                used, position = context.distinct()
+                position = position.index_select(0, rows)
+            if used.shape[0] < self.features.shape[0]:
+                return self.features.index_select(0, used), position
+        return self.features, self.index
+
+    def subset(self, rows: torch.Tensor) -> ChartContext:
+        r"""The context of some of the rows (``rows``, indices of shape :math:`(B',)`) whose
+        per-chart quantities are computed for the charts in use by all the rows
+        (:meth:`charts_in_use`): layers conditioned on it give, on those rows, bitwise the
+        values of the layers conditioned on the whole context (an atlas runs its latent flows
+        on the pairs whose point lies on the chart's image only, and keeps the values of
+        evaluating every pair)."""
+        inputs = None if self.inputs is None else self.inputs.index_select(0, rows)
+        sub = ChartContext(self.features, self.index.index_select(0, rows), inputs)
+        object.__setattr__(sub, "_superset", (self, rows))
+        return sub
+
     def chart_only(self) -> ChartContext:
         """The same context without the per-row inputs."""
         return self if self.inputs is None else ChartContext(self.features, self.index)
@@ -366,22 +406,12 @@ class Conditional(ConditionalTransformModule):
             context.per_chart or isinstance(self.source, ChartTable)
         ):
             index = context.index
-        if (
-            index is not None
-            and isinstance(self.source, Hypernet)
-            and torch.is_grad_enabled()
-            and not _functorch_active()  # torch.unique has a data-dependent size
-            and not keeps((context.features,))
-        ):
-            # Training pays the per-chart work on every call: the hypernet and what the layer
-            # builds per chart (e.g. a frame's WY form) run for the charts the rows use only,
-            # not for all K, and the rows index those charts. Without gradients all K are
-            # computed, which the cache can keep for later calls (the values agree with the
-            # subset's to rounding, not bitwise; gradient-free calls with the cache off
-            # compute all K too, so cached and uncached values stay identical).
-            used, position = context.distinct()
-            if used.shape[0] < context.features.shape[0]:
-                params = self._split(self.source(context.features.index_select(0, used)))
+        if index is not None and isinstance(self.source, Hypernet):
+            # In training the hypernet and what the layer builds per chart (e.g. a frame's WY
+            # form) run for the charts the rows use only (ChartContext.charts_in_use).
+            features, position = context.charts_in_use()
+            if features is not context.features:
+                params = self._split(self.source(features))
                 return self.layer.from_parameters(
                     *self.args, params, index=position, **self.options
                 )
@@ -474,14 +504,15 @@ class ChartDenseNN(ConditionalDenseNN):
                 f"ChartDenseNN: the network takes a context of {c} features, the chart context "
                 f"gives {f} chart features and {e} inputs"
             )
-        features = context.features
+        # The chart part per chart (for the charts in use only, in training), gathered.
+        features, index = context.charts_in_use()
         per_chart = cached(
             self,
             "chart terms",
             (features,),
             lambda: nn.functional.linear(features, first.weight[:, :f], first.bias),
         )
-        rows = per_chart.index_select(0, context.index)
+        rows = per_chart.index_select(0, index)
         # The gathered rows are a fresh tensor that autograd does not keep (index_select saves
         # only its index), so the products accumulate into it in place: out-of-place addmm
         # would first copy the (rows, hidden) term into a new allocation. torch.func
@@ -591,10 +622,9 @@ class ChartSpline(_ChartSplineLayer):
             knots = self.knots(context)
         elif not context.per_chart:  # knots depend on each row's inputs
             knots = self.knots(context.rows())
-        else:
-            features = context.features
+        else:  # per chart: for the charts in use only, in training
+            features, index = context.charts_in_use()
             knots = cached(self, "knots", (features,), lambda: self.knots(features))
-            index = context.index
         with trusted_parameters():
             return RationalQuadraticSpline(*knots, bound=self.bound, index=index)
 
