@@ -388,6 +388,16 @@ class _FeatureRows(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
+def _chart_aware_latent_layers(d: int) -> list:
+    """The chart-aware latent-flow layers on R^d for 3 chart features: ChartSpline, and for
+    d > 1 the affine and spline couplings (their ChartDenseNN computes the chart part)."""
+    parts = [ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=2.0)]
+    if d > 1:
+        parts.append(chart_affine_coupling(d, 3, hidden=(8,)))
+        parts.append(ChartSplineCoupling(d, 3, hidden=(8,), count_bins=4, bound=2.0))
+    return parts
+
+
 @given(seed=seeds, d=st.integers(1, 4), charts=st.integers(2, 6))
 def test_training_computes_the_latent_flows_chart_terms_for_the_charts_in_use_only(
     seed, d, charts
@@ -400,10 +410,7 @@ def test_training_computes_the_latent_flows_chart_terms_for_the_charts_in_use_on
     the evaluation cache keeps)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    parts = [ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=2.0)]
-    if d > 1:
-        parts.append(chart_affine_coupling(d, 3, hidden=(8,)))
-        parts.append(ChartSplineCoupling(d, 3, hidden=(8,), count_bins=4, bound=2.0))
+    parts = _chart_aware_latent_layers(d)
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     index = torch.randint(charts - 1, (7,), generator=gen)
     used = int(index.unique().numel())
@@ -430,10 +437,7 @@ def test_a_subset_of_rows_keeps_the_charts_of_all_rows(seed, d, charts):
     of evaluating every pair)."""
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    parts = [ChartSpline(d, 3, hidden=(8,), count_bins=4, bound=2.0)]
-    if d > 1:
-        parts.append(chart_affine_coupling(d, 3, hidden=(8,)))
-        parts.append(ChartSplineCoupling(d, 3, hidden=(8,), count_bins=4, bound=2.0))
+    parts = _chart_aware_latent_layers(d)
     features = torch.randn(charts, 3, generator=gen, dtype=torch.float64, requires_grad=True)
     index = torch.cat([torch.randint(charts - 1, (6,), generator=gen), torch.tensor([charts - 1])])
     rows = (index != charts - 1).nonzero().squeeze(-1)  # every row but the last chart's
