@@ -52,6 +52,7 @@ repeats (the header says which). Distribution argument validation is off for bot
     python benchmarks/atlas_scale.py [--device cpu|cuda] [--points N] [--repeats 5]
         [--threads 1] [--sections speed,bare,memory,sphere] [--out benchmarks/atlas_scale.md]
     python benchmarks/atlas_scale.py --quick      # smoke test, tiny sizes, under a minute
+                                                  # (writes benchmarks/atlas_scale_quick.md)
 """
 
 from __future__ import annotations
@@ -792,7 +793,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="speed section operations, comma-separated (e.g. leave out log_prob+backward for "
         "a model whose training step does not fit in memory at N)",
     )
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/atlas_scale.md"))
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="benchmarks/atlas_scale.md (benchmarks/atlas_scale_quick.md with --quick)",
+    )
     parser.add_argument("--quick", action="store_true", help="tiny sizes, a smoke test")
     parser.add_argument("--dim", type=int, default=784, help="D")
     parser.add_argument("--latent", type=int, default=32, help="d")
@@ -807,6 +813,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sphere-hidden", type=int, nargs="+", default=[64, 64])
     parser.add_argument("--child", choices=("atlas", "pyro"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run leaves the committed results alone
+        args.out = Path(
+            "benchmarks/atlas_scale_quick.md" if args.quick else "benchmarks/atlas_scale.md"
+        )
     if args.quick:
         args.dim, args.latent, args.charts, args.memory_charts = 32, 4, [4, 16], 16
         args.layers, args.hidden, args.sphere_layers, args.sphere_hidden = 2, [32, 32], 2, [16]

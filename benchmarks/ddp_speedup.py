@@ -178,7 +178,9 @@ def main() -> None:
     parser.add_argument("--workloads", default="large,small", help="of " + ", ".join(WORKLOADS))
     parser.add_argument("--repeats", type=int, default=2, help="timed fits per launch")
     parser.add_argument("--rounds", type=int, default=2, help="launches per configuration")
-    parser.add_argument("--out", default=str(Path(__file__).with_suffix(".md")))
+    parser.add_argument(
+        "--out", default=None, help="ddp_speedup.md here (ddp_speedup_quick.md with --quick)"
+    )
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -192,6 +194,10 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.out is None:  # a smoke run leaves the committed results alone
+        args.out = str(
+            Path(__file__).with_name("ddp_speedup_quick.md" if args.quick else "ddp_speedup.md")
+        )
     if args.quick:
         args.workloads, args.repeats, args.rounds = "quick", 1, 1
     import torch
