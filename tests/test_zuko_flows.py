@@ -195,6 +195,13 @@ def test_bad_arguments_raise():
         ZukoTransform(zuko.flows.CNF(2), trace="approximate")
     with pytest.raises(ValueError, match="give features"):
         ZukoTransform(zuko.flows.CNF(2).transform)
+
+    class ConditionalBase(zuko.lazy.LazyDistribution):  # its shape needs a context
+        def forward(self, c):
+            return torch.distributions.Normal(c, 1.0).to_event(1)
+
+    with pytest.raises(ValueError, match="give features"):
+        ZukoTransform(zuko.lazy.Flow(zuko.flows.CNF(2).transform, ConditionalBase()))
     with pytest.raises(ValueError, match="features"):
         ZukoTransform(zuko.flows.CNF(2).transform, features=0)
     t = ZukoTransform(zuko.flows.CNF(2, context=1).transform, features=2)

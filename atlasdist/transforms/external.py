@@ -135,7 +135,10 @@ class ZukoTransform(ConditionalTransformModule):
         zuko = _zuko()
         if isinstance(flow, zuko.lazy.Flow):
             if features is None:
-                shape = flow.base().event_shape if _unconditional(flow.base) else None
+                try:  # zuko's default bases ignore the context; a conditional one needs it
+                    shape = flow.base().event_shape
+                except TypeError:
+                    shape = None
                 features = shape[0] if shape is not None and len(shape) == 1 else None
             flow = flow.transform
         if features is None:
@@ -171,12 +174,3 @@ class ZukoTransform(ConditionalTransformModule):
 
     def extra_repr(self) -> str:
         return f"features={self.features}, trace={self.trace!r}"
-
-
-def _unconditional(base) -> bool:
-    # zuko's default bases ignore the context; a conditional base cannot be called without it.
-    try:
-        base()
-    except TypeError:
-        return False
-    return True
